@@ -1,0 +1,69 @@
+"""The `k2` command: a thin click group. Each command lives with the code it drives.
+
+Every K2Error raised below is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import rich_click as click
+
+from k2cli import __version__
+from k2cli.console import err
+from k2cli.errors import K2Error
+
+click.rich_click.TEXT_MARKUP = "markdown"
+click.rich_click.SHOW_ARGUMENTS = True
+click.rich_click.MAX_WIDTH = 100
+
+
+class K2Group(click.RichGroup):
+    """A group that turns K2Error into one clear line and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except K2Error as e:
+            err.print(f"[bold red]error:[/] {e.line()}", soft_wrap=True)
+            ctx.exit(2)
+
+
+@click.group(cls=K2Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="k2")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Artifacts root directory (default: $K2_ARTIFACTS or ./artifacts).",
+)
+def cli(root):
+    """**k2** — the Kimi K2 training recipe, end to end, on one machine.
+
+    Pipeline: `data synth` → `rephrase` → `pretrain` → `extend-context` → `agentic` → `sft` → `rl` → `eval` → `report`.
+    Every stage reads and writes versioned artifacts under the artifacts root; refer to
+    them by path, `stage:vN` or `stage:latest`.
+    """
+    if root:
+        os.environ["K2_ARTIFACTS"] = root
+
+
+def _register():
+    from k2cli.commands import artifacts, model
+
+    cli.add_command(model.model_group)
+    cli.add_command(model.export_cmd)
+    cli.add_command(model.import_hf_cmd)
+    cli.add_command(artifacts.artifacts_group)
+
+
+_register()
+
+
+def main():
+    cli.main(prog_name="k2")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`k2 artifacts list|show|verify`: what exists, where it came from, whether it is intact."""
+
+from __future__ import annotations
+
+import json
+
+import rich_click as click
+from rich.tree import Tree
+
+from k2cli.artifacts import artifacts_root, lineage, list_artifacts, open_artifact
+from k2cli.console import info, out, table
+from k2cli.errors import K2Error
+
+
+@click.group("artifacts", cls=click.RichGroup)
+def artifacts_group():
+    """List, inspect and verify versioned artifacts."""
+
+
+def _size(manifest) -> str:
+    n = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@artifacts_group.command("list")
+@click.option("--stage", default=None, help="Only this stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(stage, as_json):
+    """All artifacts under the artifacts root, oldest first."""
+    arts = [a for a in list_artifacts() if stage is None or a.path.parent.name == stage]
+    if as_json:
+        out.print_json(json.dumps([{"id": a.id, "kind": a.kind, "path": str(a.path), "created": a.manifest["created"]} for a in arts]))
+        return
+    if not arts:
+        info(f"no artifacts under {artifacts_root()}")
+        return
+    rows = [[a.id, a.kind, a.manifest["created"], _size(a.manifest), a.manifest.get("summary", "")[:60]] for a in arts]
+    out.print(table(f"artifacts in {artifacts_root()}", ["id", "kind", "created", "size", "summary"], rows, right=(3,)))
+
+
+@artifacts_group.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def show_cmd(ref, as_json):
+    """An artifact's manifest summary and its lineage back to the raw inputs."""
+    art = open_artifact(ref)
+    m = art.manifest
+    if as_json:
+        out.print_json(json.dumps(m))
+        return
+    rows = [
+        ["id", art.id],
+        ["kind / stage", f"{art.kind} / {art.stage}"],
+        ["path", str(art.path)],
+        ["created", f"{m['created']} by k2cli {m.get('k2cli_version')} (commit {str(m.get('git_commit'))[:10]})"],
+        ["files", f"{len(m['files'])} ({_size(m)})"],
+        ["summary", m.get("summary", "")],
+    ]
+    for k, v in (m.get("metrics") or {}).items():
+        if not isinstance(v, (dict, list)):
+            rows.append([f"metric {k}", v])
+    out.print(table(art.id, ["", ""], rows))
+    tree = Tree(f"[bold]lineage of {art.id}[/]")
+    nodes = {0: tree}
+    for depth, node in lineage(art):
+        if depth == 0:
+            continue
+        if isinstance(node, dict):
+            label = f"[red]{node.get('id')} (missing: {node.get('path')})[/]"
+        else:
+            label = f"{node.id} [dim]{node.kind}, {node.manifest.get('summary', '')[:60]}[/]"
+        nodes[depth] = nodes[depth - 1].add(label)
+    out.print(tree)
+
+
+@artifacts_group.command("verify")
+@click.argument("ref")
+def verify_cmd(ref):
+    """Re-hash every file of an artifact against its manifest."""
+    art = open_artifact(ref)
+    problems = art.verify()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise K2Error(f"{art.id} is damaged: {problems[0]}{more}", "re-run the stage that made it")
+    info(f"[green]ok[/] {art.id}: {len(art.manifest['files'])} files match their sha256")

@@ -1,0 +1,144 @@
+"""Multi-head Latent Attention (MLA), as in DeepSeek-V2/V3 and Kimi K2.
+
+Shapes: B batch, T query tokens, S key tokens, H heads, D hidden,
+dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, r = kv_lora_rank.
+
+    queries  q = W_qb(RMSNorm(W_qa x))            [B, T, H, dn + dr]   (or q = W_q x)
+             q^C, q^R = split(q)                  q^R gets RoPE, per head
+    latent   c, k^R = split(W_kva x)              c [B, S, r], k^R [B, S, dr]: ONE rope key for all heads
+    keys/v   k^C, v = split(W_kvb RMSNorm(c))     per head [B, S, H, dn], [B, S, H, dv]
+    scores   (q^C . k^C + q^R . k^R) * softmax_scale
+
+Only RMSNorm(c) and rope(k^R) — r + dr numbers per token and layer — are ever cached.
+Two ways to compute the same attention:
+
+  * expanded (training, prefill): up-project the latent to per-head keys and values, then
+    one fused scaled_dot_product_attention call;
+  * absorbed (decoding): fold W_kvb into the query and output sides, so each new token
+    attends directly over the cached latent (multi-query attention with r + dr wide keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2cli.model.config import ModelConfig
+from k2cli.model.rope import apply_rope, softmax_scale
+from k2cli.model.norm import RMSNorm
+
+# Decode with the absorbed form when a call brings at most this many new tokens on top of
+# a cache; longer chunks (prefill) are cheaper expanded.
+ABSORB_MAX_NEW_TOKENS = 8
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = H = cfg.num_attention_heads
+        self.dn, self.dr, self.dv, self.r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        D, dqk = cfg.hidden_size, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # HF: eps 1e-6 regardless of rms_norm_eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dqk, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, D, bias=False)
+        self.softmax_scale = softmax_scale(cfg)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x, cos, sin, mask=None, cache=None, max_logits=None):
+        """x [B, T, D]; cos/sin [B, T, dr/2]; mask: None (plain causal) or bool [B, 1, T, S].
+
+        `cache` (a `KVCache`) receives this call's latents and returns the whole history.
+        `max_logits`, when a list, receives this layer's per-head max logit [H] (no grad).
+        """
+        B, T, _ = x.shape
+        H, dn, dr = self.n_heads, self.dn, self.dr
+        q = self.queries(x).view(B, T, H, dn + dr).transpose(1, 2)  # [B, H, T, dn+dr]
+        q_nope, q_rope = q.split([dn, dr], dim=-1)
+        q_rope = apply_rope(q_rope, cos[:, None], sin[:, None])
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.r, dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, r]
+        k_rope = apply_rope(k_rope, cos, sin)  # [B, T, dr]
+
+        if cache is not None:
+            past = cache.length
+            latent, k_rope = cache.append(self.layer_idx, latent, k_rope)  # [B, S, r], [B, S, dr]
+            if past > 0 and T <= ABSORB_MAX_NEW_TOKENS:
+                out = self._absorbed(q_nope, q_rope, latent, k_rope, mask)
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+
+        S = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(B, S, H, dn + self.dv).transpose(1, 2)  # [B, H, S, dn+dv]
+        k_nope, v = kv.split([dn, self.dv], dim=-1)
+        k = torch.cat((k_nope, k_rope[:, None].expand(B, H, S, dr)), dim=-1)  # [B, H, S, dn+dr]
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        if max_logits is not None:
+            max_logits.append(per_head_max_logit(q, k, self.softmax_scale, mask))
+        causal = mask is None and T == S
+        if mask is None and T != S:  # a chunk after a cache: token t sees the past and itself
+            mask = _offset_causal_mask(T, S, x.device)
+        if self.dv < dn + dr:
+            # Fused (flash) kernels want values as wide as keys: pad with zeros, slice after.
+            v = F.pad(v, (0, dn + dr - self.dv))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        out = out[..., : self.dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+        """Attention computed over the latent cache: W_kvb folded into query and output.
+
+        q^C . k^C = q^C . (W_k c) = (W_k^T q^C) . c, so each head's query is mapped into the
+        latent space once, and all heads share the same r + dr wide key: MQA over the cache.
+        """
+        B, H, T, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.r)
+        w_k, w_v = w[:, : self.dn], w[:, self.dn :]  # [H, dn, r], [H, dv, r]
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
+        query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, T, r+dr]
+        key = torch.cat((latent, k_rope), dim=-1)[:, None]  # [B, 1, S, r+dr]
+        value = latent[:, None]  # [B, 1, S, r]
+        S = key.shape[2]
+        if mask is None and T > 1:
+            mask = _offset_causal_mask(T, S, query.device)
+        out_latent = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
+        )  # [B, H, T, r]
+        return torch.einsum("bhtr,hvr->bhtv", out_latent, w_v)  # [B, H, T, dv]
+
+
+def _offset_causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """Bool [T, S]: query t (absolute position S - T + t) sees keys 0..S-T+t."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    return torch.arange(S, device=device)[None, :] <= q_pos
+
+
+@torch.no_grad()
+def per_head_max_logit(q: torch.Tensor, k: torch.Tensor, scale: float, mask=None, chunk: int = 8) -> torch.Tensor:
+    """The QK-Clip statistic: per head, the largest pre-softmax logit over the batch.
+
+    q [B, H, T, d], k [B, H, S, d] -> [H]. Signed (not absolute), causal: masked positions
+    never count. Computed in float32, a few sequences at a time to bound memory.
+    """
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if mask is None:
+        mask = _offset_causal_mask(T, S, q.device)
+    best = torch.full((H,), float("-inf"), device=q.device)
+    for s in range(0, B, chunk):
+        scores = torch.matmul(q[s : s + chunk].float(), k[s : s + chunk].float().transpose(-1, -2)) * scale
+        m = mask if mask.dim() == 2 else mask[s : s + chunk]
+        scores = scores.masked_fill(~m, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best

@@ -1,0 +1,156 @@
+"""Fine-grained Mixture of Experts with shared experts (DeepSeek-V3 / Kimi K2 style).
+
+Shapes: N tokens (batch and time flattened), D hidden, E routed experts, K experts per
+token, I expert width.
+
+    scores  s = sigmoid(x W_g^T)                                 [N, E], float32
+    select  top-K of (s + b), b the correction bias (selection only; never a weight)
+            optionally only within the best `topk_group` of `n_group` expert groups
+    weights w = s[selected] / sum(s[selected]) * routed_scaling_factor
+    output  sum_k w_k * Expert_k(x) + SharedExperts(x)
+
+Dispatch sorts the N*K (token, expert) pairs by expert so each expert runs one matmul on
+a contiguous slice — `torch._grouped_mm` does all experts in one call — then the results
+are un-sorted and combined. No Python loop touches tokens or (with grouped_mm) experts.
+
+Balancing, used by training:
+  * aux-loss-free: after each step b_i -= rate if expert i was overloaded, += rate if
+    underloaded (`update_router_biases`); the update is a sign rule, not a gradient.
+  * sequence-wise balance loss L = sum_i f_i P_i per sequence (returned in the forward
+    stats; the training loop weights it by a small alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2cli.model.config import ModelConfig
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # float32 always: it moves in steps of ~1e-3 that bf16 could not represent.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> expert ids [N, K], combine weights [N, K], scores [N, E]."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores.detach() + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]: sum of each group's top 2
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, idx)  # the ORIGINAL scores: the bias never weighs outputs
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * self.routed_scaling_factor, scores
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out]."""
+    if HAS_GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    # Fallback (old torch, or float32 on CUDA): one matmul per expert slice.
+    return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as two 3-D tensors (Hugging Face's in-memory layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows first, then up
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, K = idx.shape
+        flat = idx.reshape(-1)  # [N*K] expert of each (token, slot) pair
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        xs = x.index_select(0, order // K)  # [N*K, D] each pair's token, in expert order
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
+        ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = ys.index_select(0, unsort)  # back to (token, slot) order: a gather, cheaper than a scatter
+        # weighted sum over each token's K slots: [N, 1, K] @ [N, K, D]
+        return torch.bmm(weights.to(y.dtype)[:, None, :], y.view(N, K, -1)).squeeze(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, stats=None) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        idx, weights, scores = self.gate(flat)
+        out = self.experts(flat, idx, weights).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if stats is not None:
+            stats.add_moe(self._balance_loss(idx, scores, B, T), torch.bincount(idx.reshape(-1), minlength=self.num_experts))
+        return out
+
+    def _balance_loss(self, idx, scores, B: int, T: int) -> torch.Tensor:
+        """Sequence-wise balance loss (DeepSeek-V3 eq. 17-20), averaged over sequences.
+
+        f_i = E / (K T) * #{t : i in TopK(t)},  P_i = mean_t s_{i,t} / sum_j s_{j,t},  L = sum_i f_i P_i.
+        It is 1 for perfectly balanced routing.
+        """
+        E, K = self.num_experts, self.top_k
+        hits = torch.zeros(B, E, device=idx.device).scatter_add_(
+            1, idx.view(B, T * K), torch.ones(B, T * K, device=idx.device)
+        )
+        f = hits * (E / (K * T))
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        return (f * p).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_router_biases(routers: list[Router], loads: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing: push each expert's bias towards the mean load.
+
+    loads [n_moe_layers, E]: tokens routed to each expert in the last step (summed over
+    data-parallel ranks by the caller). The update is centred (torchtitan does the same)
+    so biases do not drift as a whole.
+    """
+    for router, load in zip(routers, loads):
+        load = load.float()
+        delta = rate * torch.sign(load.mean() - load)  # + when underloaded, - when overloaded
+        router.e_score_correction_bias += delta - delta.mean()
