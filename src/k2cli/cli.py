@@ -26,8 +26,9 @@ class K2Group(click.RichGroup):
         try:
             return super().invoke(ctx)
         except K2Error as e:
-            err.print(f"[bold red]error:[/] {e.line()}", soft_wrap=True)
-            ctx.exit(2)
+            label = "stopped" if e.exit_code != 2 else "error"
+            err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
+            ctx.exit(e.exit_code)
 
 
 @click.group(cls=K2Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,13 +50,36 @@ def cli(root):
         os.environ["K2_ARTIFACTS"] = root
 
 
-def _register():
-    from k2cli.commands import artifacts, model
+# Modules that contribute commands, in the order of the pipeline. Each exports COMMANDS.
+COMMAND_MODULES = [
+    "k2cli.commands.model",
+    "k2cli.stages.synth",
+    "k2cli.stages.rephrase",
+    "k2cli.stages.tokenizer",
+    "k2cli.stages.pretrain",
+    "k2cli.stages.extend_context",
+    "k2cli.stages.agentic",
+    "k2cli.stages.sft",
+    "k2cli.stages.rl",
+    "k2cli.stages.eval",
+    "k2cli.stages.report",
+    "k2cli.stages.serve",
+    "k2cli.commands.artifacts",
+]
 
-    cli.add_command(model.model_group)
-    cli.add_command(model.export_cmd)
-    cli.add_command(model.import_hf_cmd)
-    cli.add_command(artifacts.artifacts_group)
+
+def _register():
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that stage is not part of this build
+                continue
+            raise
+        for command in module.COMMANDS:
+            cli.add_command(command)
 
 
 _register()

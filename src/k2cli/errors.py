@@ -11,6 +11,8 @@ from __future__ import annotations
 class K2Error(Exception):
     """A problem with the user's input, data, artifacts or environment."""
 
+    exit_code = 2
+
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
         self.hint = hint
@@ -18,6 +20,12 @@ class K2Error(Exception):
 
     def line(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class Interrupted(K2Error):
+    """The user stopped a run (SIGINT/SIGTERM) after its state was saved: not a failure of input."""
+
+    exit_code = 130
 
 
 def closest(name: str, choices) -> str | None:

@@ -86,3 +86,6 @@ def verify_cmd(ref):
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise K2Error(f"{art.id} is damaged: {problems[0]}{more}", "re-run the stage that made it")
     info(f"[green]ok[/] {art.id}: {len(art.manifest['files'])} files match their sha256")
+
+
+COMMANDS = [artifacts_group]

@@ -216,3 +216,6 @@ def import_hf_cmd(directory, out, force):
         art = w.commit(summary=f"imported from {directory}")
     note = f" (ignored {len(ignored)} keys, e.g. multi-token-prediction layers)" if ignored else ""
     info(f"[green]imported[/] {directory} -> {art.path} ({art.id}){note}")
+
+
+COMMANDS = [model_group, export_cmd, import_hf_cmd]
