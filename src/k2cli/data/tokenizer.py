@@ -68,6 +68,10 @@ class Tokenizer:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
 
     def save(self, directory: Path, model_max_length: int = 4096, chat_template: str | None = None) -> None:
+        """Write tokenizer.json + the transformers config files, chat template included."""
+        from k2cli.data.chat import CHAT_TEMPLATE
+
+        chat_template = chat_template or CHAT_TEMPLATE
         directory = Path(directory)
         self.tok.save(str(directory / "tokenizer.json"))
         config = {
@@ -84,8 +88,7 @@ class Tokenizer:
                 for t in SPECIAL_TOKENS
             },
         }
-        if chat_template:
-            config["chat_template"] = chat_template
+        config["chat_template"] = chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         specials = {"eos_token": EOT, "pad_token": EOT, "additional_special_tokens": SPECIAL_TOKENS[1:]}
         (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
