@@ -1,0 +1,101 @@
+"""Evaluation suites: one registry, one context, one result shape.
+
+A suite measures one thing about a model (validation perplexity, held-out knowledge, passkey
+retrieval, tool use, ...). It says whether it applies to a model (and why not), and returns
+flat numeric metrics plus optional table rows and PNG plots written into the eval artifact.
+
+    @register
+    class Perplexity:
+        name = "perplexity"
+        description = "validation loss and bits per byte"
+        def applies(self, ctx) -> str | None: ...   # None = applies; else the reason it does not
+        def run(self, ctx) -> SuiteResult: ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from k2cli.errors import K2Error, did_you_mean
+
+
+@dataclass
+class EvalConfig:
+    """Recipe section `eval`: how much to evaluate (kept small by default for CPU)."""
+
+    suites: list[str] = field(default_factory=lambda: ["perplexity", "knowledge", "math", "max_logit"])
+    seed: int = 0
+    max_examples: int = 100  # per suite, sampled deterministically
+    samples: int = 1  # completions per prompt, for pass@k where sampling applies
+    temperature: float = 0.8  # sampling temperature when samples > 1
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    seq_len: int = 256  # for perplexity
+    data: str = ""  # dataset artifact with the held-out sets; empty = found in the model's lineage
+
+
+@dataclass
+class EvalContext:
+    model: torch.nn.Module
+    tokenizer: object
+    model_art: object  # Artifact of the model
+    data_art: object | None  # a dataset Artifact (qa_test/, math/, world.json, corpus/) or None
+    cfg: EvalConfig
+    out_dir: Path  # where plots go
+    label: str  # a short name of the model for tables and plots
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def model_stage(self) -> str:
+        return self.model_art.stage
+
+    @property
+    def is_chat_model(self) -> bool:
+        """SFT and RL models answer in the chat format; base models are prompted as text."""
+        return self.model_art.stage in ("sft", "rl") or bool(self.model_art.manifest.get("metrics", {}).get("chat"))
+
+
+@dataclass
+class SuiteResult:
+    metrics: dict  # flat: {"accuracy": 0.42, ...}
+    rows: list = field(default_factory=list)  # optional detail rows (dicts)
+    plots: list = field(default_factory=list)  # PNG paths inside ctx.out_dir
+    notes: list = field(default_factory=list)  # sentences for the report
+
+
+SUITES: dict[str, object] = {}
+
+
+def register(cls):
+    SUITES[cls.name] = cls()
+    return cls
+
+
+def get_suite(name: str):
+    _load_builtin_suites()
+    if name not in SUITES:
+        raise K2Error(f"unknown eval suite '{name}'", did_you_mean(name, SUITES))
+    return SUITES[name]
+
+
+def all_suites() -> dict:
+    _load_builtin_suites()
+    return SUITES
+
+
+def _load_builtin_suites():
+    """Suites register themselves on import; modules missing from a build are skipped."""
+    import importlib
+
+    for module in ("k2cli.eval.basic", "k2cli.eval.knowledge", "k2cli.eval.passkey", "k2cli.eval.agentic", "k2cli.eval.rl_envs"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise

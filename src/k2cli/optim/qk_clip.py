@@ -1,0 +1,56 @@
+"""QK-Clip for Multi-head Latent Attention (Kimi K2 report, arXiv 2507.20534, sec. 2.1).
+
+After an optimizer step, every head h whose max pre-softmax logit S_h (over the step's batch,
+signed, causal) exceeded tau gets gamma_h = tau / S_h, and its weights are rescaled so that
+all of its logits are multiplied by exactly gamma_h:
+
+    logit_h = (q^C_h . k^C_h + q^R_h . k^R) * softmax_scale
+      q^C_h  (no-rope query)  rows of W_qb (or W_q)     * sqrt(gamma_h)
+      k^C_h  (no-rope key)    rows of W_kvb              * sqrt(gamma_h)   -> q^C.k^C * gamma_h
+      q^R_h  (rope query)     rows of W_qb (or W_q)      * gamma_h         -> q^R.k^R * gamma_h
+      k^R    (rope key)       W_kva: SHARED by all heads, never touched
+      values (W_kvb's value rows) and W_o: never touched (the clip changes logits only)
+
+Weight layouts (out x in): W_qb [H*(dn+dr), q_in] is per head [q^C (dn rows) | q^R (dr rows)];
+W_kvb [H*(dn+dv), r] is per head [k^C (dn rows) | v (dv rows)]. Everything involved is linear
+(RMSNorms sit before these projections, RoPE after), so the scaling passes through exactly.
+Heads at or below tau are multiplied by nothing at all (bit-identical).
+
+Pure functions of the attention modules, so data-parallel code can call them on every rank
+with the same all-reduced maxima and stay in sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def scale_head_logits(attn, gamma: Tensor) -> None:
+    """Multiply every logit of head h of one MLAttention layer by gamma[h] ([H], > 0), in place."""
+    H, dn = attn.n_heads, attn.dn
+    q_proj = attn.q_b_proj if hasattr(attn, "q_b_proj") else attn.q_proj
+    wq = q_proj.weight.view(H, dn + attn.dr, -1)  # [H, dn+dr, q_in]: per head q^C rows then q^R rows
+    wkv = attn.kv_b_proj.weight.view(H, dn + attn.dv, -1)  # [H, dn+dv, r]: per head k^C rows then v rows
+    g = gamma.to(device=wq.device, dtype=torch.float32)[:, None, None]  # [H, 1, 1]
+    wq[:, :dn] *= g.sqrt()  # q^C
+    wq[:, dn:] *= g  # q^R (its key partner k^R is shared, so q^R takes the whole factor)
+    wkv[:, :dn] *= g.sqrt()  # k^C
+
+
+@torch.no_grad()
+def clip_heads(attn_layers: list, max_logits: Tensor, tau: float) -> Tensor:
+    """QK-Clip over all layers. max_logits [L, H] -> [L] number of heads clipped per layer."""
+    L = len(attn_layers)
+    if max_logits.dim() != 2 or max_logits.shape[0] != L:
+        raise ValueError(f"max_logits must be [L={L}, H], got {tuple(max_logits.shape)}")
+    S = max_logits.float()
+    over = S > tau  # [L, H]; heads with non-finite maxima (NaN) are never "over"
+    counts = over.sum(dim=1)
+    for attn, s, o, hit in zip(attn_layers, S, over, over.any(dim=1).tolist()):
+        if not hit:
+            continue  # nothing above tau in this layer: leave its weights alone entirely
+        # only the clipped heads get a factor != 1; x * 1.0 == x exactly for the others
+        scale_head_logits(attn, torch.where(o, tau / s, torch.ones_like(s)))
+    return counts

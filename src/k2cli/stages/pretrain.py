@@ -1,0 +1,160 @@
+"""`k2 pretrain`: train a tokenizer and an MLA+MoE model from scratch with MuonClip.
+
+    corpus (dataset artifact or files)
+      -> byte-level BPE tokenizer with K2's special tokens (or reuse one: tokenizer.ref)
+      -> tokenise (cached), hold out validation documents, shuffle documents, pack rows
+      -> the shared training loop (MuonClip, warmup-stable-decay, MoE balancing)
+      -> a model artifact: weights, config, tokenizer, metrics.jsonl, plots, summary.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import rich_click as click
+
+from k2cli.artifacts import ArtifactWriter, open_artifact
+from k2cli.commands.common import out_options, recipe_options
+from k2cli.console import info
+from k2cli.data.lm_data import DataConfig, build_lm_data, load_documents, training_texts
+from k2cli.data.tokenizer import load_tokenizer, train_tokenizer
+from k2cli.errors import K2Error
+from k2cli.model.config import ModelConfig, human
+from k2cli.model.transformer import build_model
+from k2cli.optim.muon import OptimConfig
+from k2cli.optim.schedule import ScheduleConfig
+from k2cli.recipes import to_dict
+from k2cli.train.lm_task import LMTask
+from k2cli.train.loop import TrainConfig, train
+from k2cli.train.outputs import run_dir_for, write_model_outputs
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 2048
+    min_frequency: int = 2
+    ref: str = ""  # reuse the tokenizer of this tokenizer/model artifact instead of training one
+
+
+@dataclass
+class PretrainRecipe:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
+    """Reuse tokenizer.ref, or train on the training documents (saved in the run directory so a
+    resumed run uses the very same tokenizer)."""
+    if cfg.ref:
+        art = open_artifact(cfg.ref, kind=("tokenizer", "model"))
+        return load_tokenizer(art.path), art
+    if (cache / "tokenizer.json").exists():
+        return load_tokenizer(cache), None
+    tok = train_tokenizer(texts_fn(), cfg.vocab_size, cfg.min_frequency)
+    cache.mkdir(parents=True, exist_ok=True)
+    tok.save(cache)
+    return tok, None
+
+
+def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
+    t0 = time.time()
+    recipe.train.validate()
+    recipe.optim.validate()
+    # 1. data
+    ds, data_art, fingerprint = load_documents(recipe.data)
+    run_dir = run_dir_for("pretrain", to_dict(recipe), [fingerprint])
+    if resume == "no" and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    # 2. tokenizer
+    tokenizer, tok_art = get_tokenizer(
+        recipe.tokenizer, lambda: training_texts(ds, recipe.data.val_fraction, recipe.seed), run_dir / "tokenizer"
+    )
+    # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
+    cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
+                              pad_token_id=tokenizer.eot_id).validate()
+    if recipe.train.seq_len > cfg.max_position_embeddings:
+        raise K2Error(
+            f"train.seq_len={recipe.train.seq_len} is above the model's {cfg.max_position_embeddings} positions",
+            "lower train.seq_len or raise model.max_position_embeddings",
+        )
+    data = build_lm_data(ds, data_art, fingerprint, tokenizer, recipe.train.seq_len, recipe.data.val_fraction, recipe.seed)
+    if recipe.train.batch_size > len(data.train):
+        raise K2Error(
+            f"train.batch_size={recipe.train.batch_size} sequences but the corpus packs into only {len(data.train)} rows "
+            f"of {recipe.train.seq_len} tokens",
+            "lower train.batch_size or train.seq_len, or add text",
+        )
+    inputs = [a for a in (data_art, tok_art) if a is not None]
+    with ArtifactWriter(stage="pretrain", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
+        info(f"pretrain: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens, "
+             f"{len(data.train)} rows x {recipe.train.seq_len}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
+        model = build_model(cfg, seed=recipe.seed)
+        task = LMTask(data.train, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches)
+        result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe),
+                       title="pretrain", resume=resume)
+        history = result.history
+        last = history[-1] if history else {}
+        val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+        w.metrics = {
+            "steps": recipe.train.steps,
+            "train_tokens_seen": recipe.train.steps * recipe.train.batch_size * recipe.train.seq_len,
+            "final_loss": last.get("loss"),
+            "final_val_loss": val,
+            "unigram_entropy": data.unigram_entropy,
+            "max_logit_final": last.get("max_logit"),
+            "heads_clipped_total": sum(r.get("heads_clipped_total", 0) for r in history),
+            "params_total": cfg.param_counts()["total"],
+            "params_active": cfg.param_counts()["active"],
+            "vocab_size": tokenizer.vocab_size,
+            "wall_s": round(time.time() - t0, 1),
+        }
+        summary = [
+            f"- model: {cfg.name}, {human(cfg.param_counts()['total'])} parameters ({human(cfg.param_counts()['active'])} active)",
+            f"- data: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens; "
+            f"{recipe.train.steps} steps x {recipe.train.batch_size} x {recipe.train.seq_len} tokens",
+            f"- optimizer: {recipe.optim.name}, lr {recipe.optim.lr:g}"
+            + (f", QK-Clip tau {recipe.optim.qk_clip_tau:g}" if recipe.optim.name == "muonclip" else ""),
+            f"- final validation loss **{val:.4f}** nats/token vs unigram entropy {data.unigram_entropy:.4f}"
+            if val is not None else "- no validation split",
+            f"- max attention logit at the end: {last.get('max_logit', float('nan')):.2f}; "
+            f"heads clipped over the run: {w.metrics['heads_clipped_total']}",
+        ]
+        tok_dir = tok_art.path if tok_art else run_dir / "tokenizer"
+        write_model_outputs(w, result.model, tok_dir, run_dir, "pretrain", summary,
+                            tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None,
+                            reference={"unigram entropy": data.unigram_entropy})
+        art = w.commit(summary=f"pretrained {cfg.name}: val loss {val:.3f} (unigram {data.unigram_entropy:.3f})"
+                       if val is not None else f"pretrained {cfg.name}")
+    info(f"[green]wrote[/] {art.path} ({art.id}): val loss {val if val is None else round(val, 4)}, "
+         f"unigram entropy {data.unigram_entropy:.4f}, {w.metrics['wall_s']} s")
+    return art
+
+
+@click.command("pretrain")
+@click.argument("corpus", required=False)
+@recipe_options("pretrain", PretrainRecipe)
+@out_options
+@click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
+@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
+def pretrain_cmd(corpus, recipe, recipe_source, out, force, resume_flag, restart):
+    """Pre-train a model with MuonClip on a corpus (default: the recipe's data.input).
+
+    The same command on the same inputs continues from its last checkpoint; Ctrl-C saves
+    one and stops cleanly.
+    """
+    if corpus:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, input=corpus))
+    run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
+
+
+COMMANDS = [pretrain_cmd]

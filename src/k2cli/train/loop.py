@@ -1,0 +1,303 @@
+"""THE training loop, shared by pretrain, extend-context, SFT and RL.
+
+What differs between stages is a `Task`: where a step's batch comes from and what its loss
+is. Everything else is here, once:
+
+    for each optimizer step:
+        batch = task.batch(step)                       # a pure function of (seed, step)
+        for each micro-batch (this rank's slice):      # gradient accumulation
+            loss_sum, stats = task.loss(model, micro)  # stats: MoE balance loss, expert loads, max logits
+            backward((loss_sum / units in the global batch) + alpha * balance loss)
+        clip the gradient norm; set the scheduled lr; optimizer step (Muon / AdamW)
+        QK-Clip on heads whose max logit exceeded tau           (MuonClip)
+        move router biases towards balanced expert load        (aux-loss-free balancing)
+        log metrics.jsonl; evaluate; checkpoint; stop cleanly on SIGINT/SIGTERM or a NaN
+
+Dividing every micro-batch's loss SUM by the unit count of the whole global batch makes the
+accumulated gradient identical to one big batch, on one rank or many.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from k2cli.errors import Interrupted, K2Error
+from k2cli.model.moe import update_router_biases
+from k2cli.model.transformer import ForwardStats
+from k2cli.optim.muon import OptimConfig, build_optimizer
+from k2cli.optim.schedule import ScheduleConfig, lr_at
+from k2cli.train import distributed as dist
+from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from k2cli.train.progress import MetricsLog, TrainProgress, measure_matmul_peak
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 0  # sequences per forward/backward on one rank; 0 = the whole local batch
+    seq_len: int = 256
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    balance_loss_alpha: float = 1e-4  # weight of the sequence-wise MoE balance loss (V3: 1e-4)
+    bias_update_rate: float = 1e-3  # aux-loss-free router bias step (V3: 0.001); 0 disables
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
+    track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
+
+    def validate(self):
+        if self.steps < 1:
+            raise K2Error(f"train.steps must be >= 1, got {self.steps}", "set --set train.steps=N")
+        if self.batch_size < 1 or self.micro_batch_size < 0:
+            raise K2Error("train.batch_size must be >= 1 and train.micro_batch_size >= 0", "fix the batch sizes")
+        if self.seq_len < 2:
+            raise K2Error(f"train.seq_len must be >= 2, got {self.seq_len}", "set a longer sequence length")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise K2Error(f"unknown train.precision '{self.precision}'", "use auto, fp32 or bf16")
+
+
+class Task(Protocol):
+    """What a stage trains on. Batches are dicts of CPU tensors, first dimension = sequences."""
+
+    tokens_per_sequence: int
+
+    def batch(self, step: int) -> dict: ...  # the GLOBAL batch of optimizer step `step` (0-based)
+
+    def weight(self, micro: dict) -> float: ...  # loss units in a micro-batch (e.g. target tokens)
+
+    def loss(self, model, micro: dict, stats: ForwardStats) -> tuple[torch.Tensor, dict]: ...  # (SUM, extra sums)
+
+    def evaluate(self, model) -> dict: ...  # e.g. {"val_loss": ...}
+
+
+@dataclass
+class RunResult:
+    model: torch.nn.Module
+    steps: int
+    history: list
+    run_dir: Path
+    resumed_from: int | None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise K2Error(f"train.device={name} but no CUDA device is available", "use --set train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@contextmanager
+def stop_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (a second SIGINT kills)."""
+    flag = {"stop": None}
+
+    def handler(signum, _frame):
+        if flag["stop"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be caught here
+        old = {}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def split_batch(batch: dict, size: int) -> list[dict]:
+    n = next(iter(batch.values())).shape[0]
+    size = size or n
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def local_slice(batch: dict) -> dict:
+    """This rank's disjoint share of the global batch."""
+    world, r = dist.world_size(), dist.rank()
+    if world == 1:
+        return batch
+    n = next(iter(batch.values())).shape[0]
+    if n % world:
+        raise K2Error(f"global batch of {n} sequences does not split over {world} ranks", "make train.batch_size a multiple of the world size")
+    per = n // world
+    return {k: v[r * per : (r + 1) * per] for k, v in batch.items()}
+
+
+def train(
+    model,
+    task: Task,
+    optim_cfg: OptimConfig,
+    schedule_cfg: ScheduleConfig,
+    cfg: TrainConfig,
+    run_dir: Path,
+    recipe: dict,
+    title: str = "train",
+    resume: str = "auto",
+    wrap=None,
+) -> RunResult:
+    """Train `model` on `task`; checkpoints and metrics.jsonl go to `run_dir`.
+
+    resume: "auto" continues from the run directory's latest checkpoint if there is one,
+    "yes" requires one, "no" starts over. `wrap(model) -> forward module` applies
+    data parallelism or sharding from outside (see train.distributed); the optimizer
+    always sees the unwrapped model.
+    """
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    model.to(device)
+    optimizer = build_optimizer(model, optim_cfg)
+    clip_qk = optim_cfg.name == "muonclip"
+
+    start = 0
+    resumed_from = None
+    ckpt = latest_checkpoint(run_dir) if resume != "no" else None
+    if resume == "yes" and ckpt is None:
+        raise K2Error(f"nothing to resume: {run_dir} has no checkpoint", "drop --resume to start a new run")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, recipe)
+        start = resumed_from = state["step"]
+        if dist.is_main():
+            from k2cli.console import info
+
+            info(f"[yellow]resuming[/] {title} from step {start} ({ckpt})")
+    if start >= cfg.steps:
+        return RunResult(model, start, [], run_dir, resumed_from)
+
+    forward_model = wrap(model) if wrap else model
+    if cfg.compile:
+        forward_model = torch.compile(forward_model)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
+    peak = cfg.peak_tflops or measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
+    amp = autocast_for(device, cfg.precision)
+    progress = TrainProgress(title, cfg.steps, start, enabled=dist.is_main())
+    history = []
+    t_last = time.perf_counter()
+    t_begin = t_last
+
+    with stop_signals() as stop:
+        try:
+            for step in range(start, cfg.steps):
+                model.train()
+                micros = split_batch(local_slice(task.batch(step)), cfg.micro_batch_size)
+                units = torch.tensor(float(sum(task.weight(m) for m in micros)), device=device)
+                units = dist.all_reduce_sum(units).clamp(min=1.0)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device)
+                balance = torch.zeros((), device=device)
+                max_logits, loads, extras, tokens = None, None, {}, 0
+                for i, micro in enumerate(micros):
+                    micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+                    stats = ForwardStats(track_max_logits=clip_qk or cfg.track_max_logits)
+                    sync = forward_model.no_sync() if (hasattr(forward_model, "no_sync") and i < len(micros) - 1) else nullcontext()
+                    with sync:
+                        with amp:
+                            part, extra = task.loss(forward_model, micro, stats)
+                            bal = stats.balance_loss().to(device)
+                        (part / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
+                    loss_sum += part.detach().float()
+                    balance += bal.detach().float() / len(micros)
+                    tokens += int(micro["input_ids"].numel())
+                    m = stats.max_logit_matrix()
+                    if m is not None:
+                        max_logits = m if max_logits is None else torch.maximum(max_logits, m)
+                    ld = stats.load_matrix()
+                    if ld is not None:
+                        loads = ld.float() if loads is None else loads + ld.float()
+                    for k, v in extra.items():
+                        extras[k] = extras.get(k, 0.0) + float(v)
+
+                loss = float(dist.all_reduce_sum(loss_sum) / units)
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(run_dir)
+                    raise K2Error(
+                        f"{title}: the loss became {loss} at step {step + 1}; "
+                        + (f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written yet"),
+                        "lower optim.lr, raise schedule.warmup_steps, or use train.grad_clip",
+                    )
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                lr = lr_at(step, cfg.steps, optim_cfg.lr, schedule_cfg)
+                optimizer.set_lr(lr)
+                optimizer.step()
+
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+                if max_logits is not None:
+                    max_logits = dist.all_reduce_max(max_logits)
+                    record["max_logit"] = float(max_logits.max())
+                    record["max_logit_per_layer"] = max_logits.max(dim=1).values.tolist()
+                    if clip_qk:
+                        clipped = optimizer.clip_qk(max_logits)
+                        record["heads_clipped"] = [int(c) for c in clipped]
+                        record["heads_clipped_total"] = int(clipped.sum())
+                if loads is not None:
+                    loads = dist.all_reduce_sum(loads)
+                    if cfg.bias_update_rate > 0:
+                        update_router_biases(model.routers(), loads, cfg.bias_update_rate)
+                    imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).tolist()
+                    record["expert_imbalance"] = sum(imbalance) / len(imbalance)
+                    record["expert_imbalance_per_layer"] = imbalance
+                    record["expert_load"] = (loads / loads.sum(dim=1, keepdim=True)).tolist()
+                    record["balance_loss"] = float(balance)
+
+                now = time.perf_counter()
+                global_tokens = tokens * dist.world_size()
+                record["tokens"] = global_tokens
+                record["tokens_per_s"] = global_tokens / max(now - t_last, 1e-9)
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * dist.world_size())
+                record["elapsed_s"] = now - t_begin
+                for k, v in extras.items():  # task metrics, averaged over micro-batches
+                    record[k] = v / len(micros)
+                t_last = now
+
+                done = step + 1
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    model.eval()
+                    with torch.no_grad(), amp:
+                        record.update(task.evaluate(model))
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                history.append(record)
+                if log is not None:
+                    log.write(record)
+                progress.update(done, record)
+
+                if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop["stop"]:
+                    if dist.is_main():
+                        save_checkpoint(run_dir, done, model, optimizer, recipe, keep=cfg.keep_checkpoints)
+                    dist.barrier()
+                    t_last = time.perf_counter()
+                if stop["stop"] and done < cfg.steps:
+                    raise Interrupted(
+                        f"{title} stopped by {stop['stop']} after step {done}/{cfg.steps}; checkpoint saved in {run_dir}",
+                        "run the same command again to resume exactly where it stopped",
+                    )
+        finally:
+            progress.close()
+    model.eval()
+    return RunResult(model, cfg.steps, history, run_dir, resumed_from)
