@@ -8,6 +8,13 @@ from k2cli.model.config import ModelConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+try:
+    import datasets
+
+    datasets.disable_progress_bars()
+except ImportError:  # pragma: no cover
+    pass
+
 
 @pytest.fixture(autouse=True)
 def artifacts_root(tmp_path, monkeypatch):

@@ -69,8 +69,12 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def pack(documents: list[list[int]], eot_id: int, seq_len: int, seed: int, masks: list[list[bool]] | None = None) -> PackedData:
-    """Shuffle documents, join them with EOT, cut into [N, seq_len + 1] rows."""
+def pack(documents: list[list[int]], eot_id: int, seq_len: int, seed: int, masks: list[list[bool]] | None = None,
+         train_separator: bool = True) -> PackedData:
+    """Shuffle documents, join them with EOT, cut into [N, seq_len + 1] rows.
+
+    With masks (chat data), `train_separator` says whether predicting the EOT between
+    documents counts in the loss (chat turns already end with <|im_end|>: it does not)."""
     order = np.random.default_rng(seed).permutation(len(documents))
     pieces, mask_pieces = [], []
     for i in order:
@@ -79,7 +83,7 @@ def pack(documents: list[list[int]], eot_id: int, seq_len: int, seed: int, masks
         pieces.append(np.asarray([eot_id], dtype=np.int32))
         if masks is not None:
             mask_pieces.append(np.asarray(masks[i], dtype=bool))
-            mask_pieces.append(np.asarray([True]))  # predicting the end of a document is learned
+            mask_pieces.append(np.asarray([train_separator]))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     n_rows = (len(stream) - 1) // seq_len
     if n_rows < 1:

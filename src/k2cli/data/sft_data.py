@@ -1,0 +1,142 @@
+"""SFT data: conversations from several sources, rendered to ids + assistant masks, mixed, packed.
+
+Sources (all optional, weighted by the recipe's mix):
+  * agentic  — a dataset artifact with `chat/`: tool-use trajectories (`messages`, `tools` as
+               JSON strings), made by `k2 agentic`;
+  * qa       — `qa_train/` of a synthetic-world dataset: one question, one short answer
+               (Physics of Language Models 3.1: QA fine-tuning on half the people);
+  * math     — `math/`: word problems answered with step-by-step solutions.
+
+Every conversation is checked for role order, rendered with the chat template (loss on the
+assistant's tokens only), and dropped or truncated when it does not fit the context — both
+counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from k2cli.data.chat import render, validate_conversation
+from k2cli.data.packing import PackedData, pack
+from k2cli.errors import K2Error
+
+SOURCES = ("agentic", "qa", "math")
+
+
+@dataclass
+class SFTDataConfig:
+    agentic: str = "agentic:latest"  # dataset artifact with chat/ ("" to skip)
+    knowledge: str = ""  # dataset artifact with qa_train/ and math/; "" = the nearest one in the model's lineage
+    mix: dict[str, float] = field(default_factory=lambda: {"agentic": 1.0, "qa": 1.0, "math": 1.0})
+    max_per_source: int = 0  # cap per source before mixing; 0 = no cap
+    val_fraction: float = 0.05
+    overlong: str = "drop"  # drop | truncate: conversations longer than train.seq_len + 1 tokens
+
+    def validate(self):
+        if self.overlong not in ("drop", "truncate"):
+            raise K2Error(f"unknown data.overlong '{self.overlong}'", "use drop or truncate")
+        for k, v in self.mix.items():
+            if k not in SOURCES:
+                raise K2Error(f"unknown SFT source '{k}' in data.mix", f"valid: {', '.join(SOURCES)}")
+            if v < 0:
+                raise K2Error(f"data.mix.{k} must be >= 0", "use a non-negative weight")
+
+
+def qa_conversation(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]}
+
+
+def math_conversation(row: dict) -> dict:
+    solution = row.get("solution") or ""
+    answer = f"{solution}\nFinal answer: {row['answer']}" if str(row["answer"]) not in solution[-40:] else solution
+    return {"messages": [{"role": "user", "content": row["problem"]}, {"role": "assistant", "content": answer.strip()}]}
+
+
+def _load_subset(art, name: str):
+    import datasets
+
+    path = Path(art.path) / name
+    if not path.is_dir():
+        return None
+    return datasets.load_from_disk(str(path))
+
+
+def load_conversations(source: str, art) -> list[dict]:
+    """Conversations {messages, tools} of one source from a dataset artifact."""
+    if source == "agentic":
+        ds = _load_subset(art, "chat")
+        if ds is None:
+            raise K2Error(f"{art.id} has no chat/ subset", "pass an artifact made by 'k2 agentic' as data.agentic")
+        out = []
+        for i, row in enumerate(ds):
+            try:
+                out.append({"messages": json.loads(row["messages"]), "tools": json.loads(row["tools"]) if row.get("tools") else None})
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                raise K2Error(f"{art.id} chat row {i} is malformed: {e}", "re-create the agentic dataset")
+        return out
+    if source == "qa":
+        ds = _load_subset(art, "qa_train")
+        return [qa_conversation(r) for r in ds] if ds is not None else []
+    if source == "math":
+        ds = _load_subset(art, "math")
+        return [math_conversation(r) for r in ds] if ds is not None else []
+    raise K2Error(f"unknown SFT source '{source}'", f"valid: {', '.join(SOURCES)}")
+
+
+@dataclass
+class SFTData:
+    train: PackedData
+    val: PackedData
+    counts: dict  # per source: conversations, kept, dropped/truncated, tokens
+
+
+def mix_sources(convs: dict[str, list[dict]], mix: dict[str, float], cap: int, seed: int) -> list[tuple[str, dict]]:
+    """Weighted mixture: source s contributes round(weight_s * n_s) conversations (with repeats
+    when the weight is above 1), sampled deterministically."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, items in convs.items():
+        if cap:
+            items = items[:cap]
+        w = mix.get(name, 0.0)
+        n = int(round(w * len(items)))
+        if not items or n == 0:
+            continue
+        idx = np.concatenate([rng.permutation(len(items)) for _ in range(-(-n // len(items)))])[:n]
+        out += [(name, items[i]) for i in idx]
+    return out
+
+
+def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, seq_len: int, seed: int) -> SFTData:
+    counts = {name: {"conversations": len(items), "used": 0, "dropped_overlong": 0, "truncated": 0, "tokens": 0,
+                     "trained_tokens": 0} for name, items in convs.items()}
+    examples: list[tuple[list[int], list[bool]]] = []
+    for name, conv in mix_sources(convs, cfg.mix, cfg.max_per_source, seed):
+        validate_conversation(conv["messages"])
+        r = render(tokenizer, conv["messages"], conv.get("tools"))
+        ids, mask = r.ids, r.mask
+        if len(ids) + 1 > seq_len + 1:
+            if cfg.overlong == "drop":
+                counts[name]["dropped_overlong"] += 1
+                continue
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            counts[name]["truncated"] += 1
+        counts[name]["used"] += 1
+        counts[name]["tokens"] += len(ids)
+        counts[name]["trained_tokens"] += sum(mask)
+        examples.append((ids, mask))
+    if len(examples) < 2:
+        raise K2Error("fewer than 2 SFT conversations fit the context", "check the data sources, data.mix and train.seq_len")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples))
+    n_val = max(1, int(round(len(examples) * cfg.val_fraction)))
+    val_ex = [examples[i] for i in order[:n_val]]
+    train_ex = [examples[i] for i in order[n_val:]]
+    train = pack([e[0] for e in train_ex], tokenizer.eot_id, seq_len, seed, masks=[e[1] for e in train_ex], train_separator=False)
+    val = pack([e[0] for e in val_ex], tokenizer.eot_id, seq_len, seed + 1, masks=[e[1] for e in val_ex], train_separator=False) \
+        if sum(len(e[0]) + 1 for e in val_ex) > seq_len + 1 else PackedData(np.zeros((0, seq_len + 1), np.int32))
+    return SFTData(train, val, counts)

@@ -1,0 +1,61 @@
+"""Small builders shared by tests: a dataset artifact and a model artifact with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+
+from k2cli.artifacts import ArtifactWriter
+from k2cli.data.chat import render_text
+from k2cli.data.tokenizer import train_tokenizer
+from k2cli.model.config import ModelConfig
+from k2cli.model.io import save_model_files
+from k2cli.model.transformer import build_model
+
+MICRO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+             n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+
+PEOPLE = [("Anna Berg", "Oslo", "1987"), ("Boris Costa", "Lima", "1990"), ("Chen Dahl", "Kyoto", "1975"),
+          ("Dara Evans", "Porto", "1969"), ("Elif Fischer", "Riga", "2001"), ("Farid Garcia", "Sofia", "1984")]
+
+
+def dataset_artifact(stage="synth", out=None):
+    """A dataset artifact with corpus/, qa_train/, qa_test/, math/ in the documented layout."""
+    bios = [f"{n} was born in {c} in {y}. {n} lives in {c}." for n, c, y in PEOPLE]
+    qa = [{"question": f"Where was {n} born?", "answer": c, "person_id": f"p{i}", "attribute": "birth_city"}
+          for i, (n, c, _) in enumerate(PEOPLE)]
+    math = [{"problem": f"{n} buys {i + 2} apples at 3 coins each. How many coins?", "answer": str(3 * (i + 2)),
+             "solution": f"{i + 2} apples x 3 coins = {3 * (i + 2)} coins.", "steps": [f"{i + 2} * 3 = {3 * (i + 2)}"]}
+            for i, (n, _, _) in enumerate(PEOPLE)]
+    with ArtifactWriter(stage=stage, kind="dataset", out=out) as w:
+        datasets.Dataset.from_dict({"text": bios * 4, "doc_id": [f"d{i}" for i in range(len(bios) * 4)],
+                                    "source": ["bio"] * len(bios) * 4}).save_to_disk(str(w.dir / "corpus"))
+        datasets.Dataset.from_list(qa[:4]).save_to_disk(str(w.dir / "qa_train"))
+        datasets.Dataset.from_list(qa[4:]).save_to_disk(str(w.dir / "qa_test"))
+        datasets.Dataset.from_list(math).save_to_disk(str(w.dir / "math"))
+        return w.commit(summary="test data")
+
+
+def chat_artifact(conversations, stage="agentic"):
+    with ArtifactWriter(stage=stage, kind="dataset") as w:
+        datasets.Dataset.from_dict({
+            "messages": [json.dumps(c["messages"]) for c in conversations],
+            "tools": [json.dumps(c.get("tools")) if c.get("tools") else "" for c in conversations],
+        }).save_to_disk(str(w.dir / "chat"))
+        return w.commit(summary="test chats")
+
+
+def model_artifact(texts, inputs=(), stage="pretrain", vocab_size=400, **config):
+    """A micro model with a tokenizer trained on `texts` (inputs recorded for lineage)."""
+    tok = train_tokenizer(list(texts), vocab_size=vocab_size)
+    cfg = ModelConfig(name="micro", **(MICRO | config) | {"vocab_size": tok.vocab_size, "eos_token_id": tok.eot_id})
+    with ArtifactWriter(stage=stage, kind="model", inputs=list(inputs)) as w:
+        save_model_files(build_model(cfg, seed=0), w.dir)
+        tok.save(w.dir)
+        return w.commit(summary="micro test model")
+
+
+def chat_texts(conversations):
+    return [render_text(c["messages"], c.get("tools")) for c in conversations]
