@@ -24,10 +24,11 @@ PEOPLE = [("Anna Berg", "Oslo", "1987"), ("Boris Costa", "Lima", "1990"), ("Chen
 def dataset_artifact(stage="synth", out=None):
     """A dataset artifact with corpus/, qa_train/, qa_test/, math/ in the documented layout."""
     bios = [f"{n} was born in {c} in {y}. {n} lives in {c}." for n, c, y in PEOPLE]
-    qa = [{"question": f"Where was {n} born?", "answer": c, "person_id": f"p{i}", "attribute": "birth_city"}
-          for i, (n, c, _) in enumerate(PEOPLE)]
+    qa = [{"question": f"Where was {n} born?", "answer": c, "person_id": f"p{i}", "attribute": "birth_city",
+           "cloze": f"{n} was born in"} for i, (n, c, _) in enumerate(PEOPLE)]
     math = [{"problem": f"{n} buys {i + 2} apples at 3 coins each. How many coins?", "answer": str(3 * (i + 2)),
-             "solution": f"{i + 2} apples x 3 coins = {3 * (i + 2)} coins.", "steps": [f"{i + 2} * 3 = {3 * (i + 2)}"]}
+             "solution": f"Solution: {i + 2} * 3 = {3 * (i + 2)}. The answer is {3 * (i + 2)}.",
+             "steps": [f"{i + 2} * 3 = {3 * (i + 2)}"], "split": "test" if i >= 4 else "train"}
             for i, (n, _, _) in enumerate(PEOPLE)]
     with ArtifactWriter(stage=stage, kind="dataset", out=out) as w:
         datasets.Dataset.from_dict({"text": bios * 4, "doc_id": [f"d{i}" for i in range(len(bios) * 4)],

@@ -48,8 +48,8 @@ def recipe_path(stage: str, preset: str) -> Path:
     if not path.is_file():
         have = presets_for(stage)
         raise K2Error(
-            f"unknown preset '{preset}' for stage '{stage}'",
-            did_you_mean(preset, have) if have else f"no recipes found under {recipes_dir()}",
+            f"unknown preset '{preset}' for stage '{stage}' (no {path})",
+            did_you_mean(preset, have) if have else f"no preset has a {stage}.toml under {recipes_dir()}; pass --recipe FILE",
         )
     return path
 

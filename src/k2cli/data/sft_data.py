@@ -83,7 +83,8 @@ def load_conversations(source: str, art) -> list[dict]:
         return [qa_conversation(r) for r in ds] if ds is not None else []
     if source == "math":
         ds = _load_subset(art, "math")
-        return [math_conversation(r) for r in ds] if ds is not None else []
+        # held-out problems (split == "test") are for evaluation and RL, never for SFT
+        return [math_conversation(r) for r in ds if r.get("split", "train") != "test"] if ds is not None else []
     raise K2Error(f"unknown SFT source '{source}'", f"valid: {', '.join(SOURCES)}")
 
 

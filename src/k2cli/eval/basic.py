@@ -43,7 +43,9 @@ def heldout_texts(ctx, limit: int = 200) -> tuple[list[str], str]:
 
 def _rows(ctx, texts):
     docs = [ctx.tokenizer.encode(t) for t in texts]
-    return pack(docs, ctx.tokenizer.eot_id, ctx.cfg.seq_len, seed=ctx.cfg.seed)
+    n_tokens = sum(len(d) + 1 for d in docs)
+    seq_len = min(ctx.cfg.seq_len, ctx.model.config.max_position_embeddings, n_tokens - 1)  # a small held-out set still fits
+    return pack(docs, ctx.tokenizer.eot_id, seq_len, seed=ctx.cfg.seed)
 
 
 @register

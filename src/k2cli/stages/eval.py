@@ -16,7 +16,7 @@ import rich_click as click
 
 from k2cli.artifacts import ArtifactWriter, lineage, open_artifact
 from k2cli.commands.common import out_options, recipe_options
-from k2cli.console import info, out, table
+from k2cli.console import info, out as stdout, table
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
 from k2cli.eval.suite import EvalConfig, EvalContext, all_suites, get_suite
@@ -137,7 +137,7 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
         w.metrics = {f"{r['label']}/{name}/{k}": v for r in results for name, s in r["suites"].items()
                      for k, v in s.get("metrics", {}).items() if "layer" not in k}
         art = w.commit(summary=f"eval of {len(models)} model(s) on {', '.join(suites)}")
-    out.print(table(f"evaluation ({art.id})", header, rows))
+    stdout.print(table(f"evaluation ({art.id})", header, rows))
     info(f"[green]wrote[/] {art.path} ({art.id})")
     return art, results
 
@@ -155,7 +155,7 @@ def eval_cmd(models, suite_names, data, labels, list_suites, recipe, recipe_sour
     """Evaluate MODEL... (artifact refs) on the chosen suites, side by side."""
     if list_suites:
         for name, s in all_suites().items():
-            out.print(f"[bold]{name}[/]: {s.description}")
+            stdout.print(f"[bold]{name}[/]: {s.description}")
         return
     if data:
         recipe.eval.data = data
