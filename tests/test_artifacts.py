@@ -83,3 +83,18 @@ def test_lineage_walks_back_and_reports_missing_parents(tmp_path):
     shutil.rmtree(raw.path)
     last = list(lineage(top))[-1]
     assert isinstance(last[1], dict) and last[1]["id"] == "synth/v1"  # a record of what is missing
+
+
+def test_reuse_skips_only_when_recipe_and_inputs_match(monkeypatch):
+    from k2cli.errors import UpToDate
+
+    raw = write(stage="synth", kind="dataset", text="raw")
+    write(stage="pretrain", inputs=[raw])
+    monkeypatch.setenv("K2_REUSE", "1")
+    with pytest.raises(UpToDate, match="pretrain/v1"):
+        write(stage="pretrain", inputs=[raw])
+    with ArtifactWriter(stage="pretrain", kind="model", recipe={"lr": 2.0}, inputs=[raw]) as w:  # another recipe
+        w.commit()
+    with ArtifactWriter(stage="synth", kind="dataset", recipe={"seed": 2}) as w:  # a new raw input
+        newer = w.commit()
+    assert write(stage="pretrain", inputs=[newer]).id == "pretrain/v3"  # other inputs: made again

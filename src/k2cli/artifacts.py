@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from k2cli.errors import K2Error
+from k2cli.errors import K2Error, UpToDate
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -274,8 +274,28 @@ class ArtifactWriter:
                 raise K2Error(f"output {self._dest} exists and is not empty", "choose another --out or pass --force")
             self._parent = self._dest.resolve().parent
         _check_writable(self._parent)
+        self.fingerprint = self._fingerprint()
+        if self._versioned and os.environ.get("K2_REUSE"):
+            self._raise_if_up_to_date()
         self.dir = self._parent / f".tmp-{self.stage}-{uuid.uuid4().hex[:10]}"
         self.dir.mkdir()
+
+    def _fingerprint(self) -> str:
+        """What makes this output what it is: stage, kind, resolved recipe, exact inputs."""
+        key = {"stage": self.stage, "kind": self.kind, "recipe": self.recipe,
+               "inputs": sorted(sha256_file(a.path / MANIFEST) for a in self.inputs)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _raise_if_up_to_date(self) -> None:
+        latest = self._parent / "latest"
+        if not latest.exists():
+            return
+        try:
+            art = open_artifact(latest)
+        except K2Error:
+            return
+        if art.manifest.get("fingerprint") == self.fingerprint and not art.verify():
+            raise UpToDate(f"{art.id} was made from the same recipe and inputs", "drop --reuse to make it again")
 
     def __enter__(self):
         return self
@@ -307,6 +327,7 @@ class ArtifactWriter:
             "inputs": [a.ref() for a in self.inputs],
             "metrics": self.metrics,
             "summary": summary,
+            "fingerprint": self.fingerprint,
             "files": files,
         }
         if self._versioned:

@@ -26,8 +26,11 @@ class K2Group(click.RichGroup):
         try:
             return super().invoke(ctx)
         except K2Error as e:
-            label = "stopped" if e.exit_code != 2 else "error"
-            err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
+            if e.exit_code == 0:  # UpToDate: nothing to do is success
+                err.print(f"[green]up to date:[/] {e.line()}", soft_wrap=True)
+            else:
+                label = "stopped" if e.exit_code != 2 else "error"
+                err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
             ctx.exit(e.exit_code)
 
 
@@ -39,7 +42,12 @@ class K2Group(click.RichGroup):
     default=None,
     help="Artifacts root directory (default: $K2_ARTIFACTS or ./artifacts).",
 )
-def cli(root):
+@click.option(
+    "--reuse",
+    is_flag=True,
+    help="Skip a stage whose latest artifact was made from the same recipe and inputs (make-style; $K2_REUSE=1).",
+)
+def cli(root, reuse):
     """**k2** — the Kimi K2 training recipe, end to end, on one machine.
 
     Pipeline: `data synth` → `rephrase` → `pretrain` → `extend-context` → `agentic` → `sft` → `rl` → `eval` → `report`.
@@ -48,6 +56,8 @@ def cli(root):
     """
     if root:
         os.environ["K2_ARTIFACTS"] = root
+    if reuse:
+        os.environ["K2_REUSE"] = "1"
 
 
 # Modules that contribute commands, in the order of the pipeline. Each exports COMMANDS.
