@@ -269,6 +269,12 @@ def _kimi_k2() -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    # ~100K parameters: end-to-end tests in seconds.
+    "micro": ModelConfig(
+        name="micro", vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
+        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+    ),
     # ~2M parameters: trains on 2 CPU cores in minutes.
     "tiny": ModelConfig(name="tiny"),
     # ~100M total parameters, ~40M active: one GPU.
