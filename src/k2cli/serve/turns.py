@@ -1,0 +1,201 @@
+"""From OpenAI-shaped messages to prompt ids, and from generated ids back to an assistant turn.
+
+Shared by the server and the terminal chat, so both speak exactly k2's chat format
+(`k2cli.data.chat`): the same rendering SFT trained on, the same parser RL scores with.
+
+    build_prompt(tokenizer, messages, tools, tool_choice) -> Prompt(ids, prefix, allow_tools)
+    TurnDecoder(tokenizer, stop, prefix).feed(token) -> content text safe to show now
+    TurnDecoder.finish(reason) -> Turn(content, tool_calls, finish_reason, errors)
+
+tool_choice is carried out on the prompt, not by constraining the sampler:
+    "auto"     the model decides;
+    "none"     `<|tool_calls_section_begin|>` becomes a stop token: the turn ends where a call would start;
+    "required" the assistant turn is pre-filled with `<|tool_calls_section_begin|>`;
+    {"type": "function", "function": {"name": X}}  pre-filled up to the call's arguments
+               (`...<|tool_call_begin|>functions.X:<n><|tool_call_argument_begin|>`), n being the
+               number of tool calls earlier in the conversation, as K2's ids count them.
+Pre-filling forces a call to start; whether the model writes valid JSON arguments is up to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from k2cli.data.chat import CALL_ARGS, CALL_BEGIN, CALLS_BEGIN, END, call_id, parse_assistant, render, validate_conversation
+from k2cli.data.tokenizer import EOT, SPECIAL_TOKENS
+from k2cli.errors import K2Error
+
+_SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    prefix: str = ""  # text forced at the start of the assistant turn (already in ids)
+    allow_tools: bool = True
+    stop_ids: tuple[int, ...] = ()
+
+
+def _text(content) -> str | None:
+    """OpenAI content: a string, None, or a list of parts ({"type": "text", "text": ...})."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise K2Error(f"content part of type {kind!r} is not supported", "send text content only")
+        return "".join(parts)
+    raise K2Error("message content must be a string or a list of text parts", "send text content")
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI request messages -> the dicts `chat.render` takes (developer is a system message)."""
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        msg = {"role": role, "content": _text(m.get("content"))}
+        if role == "assistant" and m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function") or {}
+                if not c.get("id") or not fn.get("name"):
+                    raise K2Error(f"message {i}: a tool call needs an id and function.name", "send the tool_calls the server returned")
+                args = fn.get("arguments", "{}")
+                calls.append({"id": c["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            msg["tool_calls"] = calls
+        if role == "tool":
+            if not m.get("tool_call_id"):
+                raise K2Error(f"message {i}: a tool message needs tool_call_id", "answer a tool call by its id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> Prompt:
+    """Prompt ids for the next assistant turn; raises K2Error for a conversation k2 cannot render."""
+    messages = normalize_messages(messages)
+    validate_conversation(messages)
+    if messages[-1]["role"] == "assistant":
+        raise K2Error("the last message is the assistant's", "end the conversation with a user or tool message")
+    tools = tools or None
+    names = [t.get("function", {}).get("name") for t in tools or []]
+    choice = tool_choice if tool_choice is not None else "auto"
+    if choice in ("required",) or isinstance(choice, dict):
+        if not tools:
+            raise K2Error(f"tool_choice {json.dumps(choice)} needs tools", "pass tools, or use tool_choice 'auto'")
+    ids = render(tokenizer, messages, tools, add_generation_prompt=True).ids
+    stop_ids = (tokenizer.token_id(END), tokenizer.token_id(EOT))
+    if choice == "none":
+        return Prompt(ids, "", False, stop_ids + (tokenizer.token_id(CALLS_BEGIN),))
+    if choice == "auto":
+        return Prompt(ids, "", True, stop_ids)
+    if choice == "required":
+        prefix = CALLS_BEGIN
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in names:
+            raise K2Error(f"tool_choice names function {name!r}, which is not among the tools", f"tools: {', '.join(map(str, names))}")
+        n = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
+        prefix = CALLS_BEGIN + CALL_BEGIN + call_id(name, n) + CALL_ARGS
+    else:
+        raise K2Error(f"unknown tool_choice {choice!r}", "use none, auto, required or {'type': 'function', 'function': {'name': ...}}")
+    return Prompt(ids + encode_with_specials(tokenizer, prefix), prefix, True, stop_ids)
+
+
+def encode_with_specials(tokenizer, text: str) -> list[int]:
+    """Ids of text that contains special tokens: each special is its one id, the text between is
+    BPE-encoded piece by piece, as `chat.render` does."""
+    ids: list[int] = []
+    for piece in re.split(f"({_SPECIAL.pattern})", text):
+        if piece:
+            ids += [tokenizer.token_id(piece)] if _SPECIAL.fullmatch(piece) else tokenizer.encode(piece)
+    return ids
+
+
+@dataclass
+class Turn:
+    content: str
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI shape: arguments as JSON strings
+    finish_reason: str = "stop"  # stop | length | tool_calls
+    errors: list[str] = field(default_factory=list)  # malformed tool calls, described
+
+    def message(self) -> dict:
+        m = {"role": "assistant", "content": self.content or (None if self.tool_calls else "")}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        return m
+
+
+class TurnDecoder:
+    """Turns one choice's generated tokens into content deltas, then a finished Turn.
+
+    Content is the text before any tool-call section and before `<|im_end|>`, with special tokens
+    removed and outer whitespace stripped (as `parse_assistant` does). What `feed` returns is safe
+    to stream: text that might still turn out to start a stop string, trailing whitespace and an
+    incomplete UTF-8 character are held back until they are settled.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, prefix: str = "", allow_tools: bool = True):
+        self.tok = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.prefix = prefix
+        self.allow_tools = allow_tools
+        self.ids: list[int] = []
+        self.sent = ""  # content already returned by feed()
+        self.stopped = False  # a stop string matched: the caller should cancel this choice
+
+    def _raw(self) -> str:
+        return self.prefix + self.tok.decode(self.ids)
+
+    def _content(self, raw: str, final: bool) -> str:
+        text = raw.split(END, 1)[0].split(EOT, 1)[0]
+        text = _SPECIAL.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
+        for s in self.stop:
+            k = text.find(s)
+            if k >= 0:
+                text, self.stopped = text[:k], True
+        if not final and not self.stopped:
+            if text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            if self.stop:  # hold back a tail that could be the start of a stop string
+                hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                text = text[: len(text) - hold]
+        return text.rstrip()
+
+    def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self._content(self._raw(), final=False)
+        if not text.startswith(self.sent):  # cannot happen with the rules above; never send a contradiction
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self) -> str:
+        """Content that was held back, once the choice has ended."""
+        text = self._content(self._raw(), final=True)
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def finish(self, reason: str) -> Turn:
+        """reason: the engine's ("stop" | "length"), or "stop" after a stop string."""
+        raw = self._raw()
+        content = self._content(raw, final=True)
+        if self.stopped or not self.allow_tools or CALLS_BEGIN not in raw.split(END, 1)[0]:
+            return Turn(content, [], "stop" if self.stopped else reason)
+        parsed = parse_assistant(raw)
+        calls = [{"id": c["id"], "type": "function",
+                  "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                 for c in parsed.tool_calls]
+        if reason == "length":
+            return Turn(content, calls, "length", parsed.errors)
+        return Turn(content, calls, "tool_calls" if calls else "stop", parsed.errors)
