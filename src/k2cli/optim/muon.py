@@ -34,12 +34,31 @@ orthogonalised in one batched call; a tall matrix is transposed first (NS works 
 orientation anyway), so expert down_proj [D, I] and gate/up [I, D] land in the same batch.
 
 State (for exact checkpoint round trips) lives only in `self.state`, as tensors:
-    Muon param:  momentum_buffer (param's shape and dtype)
-    AdamW param: step (float32 scalar, CPU), exp_avg, exp_avg_sq
+    Muon param:  momentum_buffer (param's full shape and dtype; under torchrun only on its owner)
+    AdamW param: step (float32 scalar, CPU), exp_avg, exp_avg_sq (the param's local shard under FSDP)
+Checkpoints use `canonical_state_dict()`: every tensor whole, keyed by parameter name, so a
+state saved by N ranks loads on M (`load_canonical_state_dict`).
+
+Distributed Muon (under torchrun; W ranks). Newton-Schulz of a row shard is NOT the shard of
+Newton-Schulz of the matrix (it orthogonalises a different matrix), so every matrix is
+orthogonalised on its full form, exactly once, by the one rank that owns it:
+    owners   each Muon tensor (a batch of n matrices A x B) goes to one rank, decided once by
+             greedy balancing of the Newton-Schulz cost n * min(A,B)^2 * max(A,B) (`assign_owners`);
+             the owner alone keeps its momentum (sharded optimizer state, ZeRO-1 style)
+    step     1. the owner gets the full gradient: with DDP it already has it (all-reduced in
+                backward); with FSDP every rank sends the owner its rows (one all_to_all)
+             2. the owner updates momentum and runs Newton-Schulz on its matrices (batched)
+             3. the updates go back: with DDP every rank receives every update (one all_to_all,
+                the same as an all-gather); with FSDP each rank receives only its rows
+             4. every rank applies weight decay and the update to what it holds
+    AdamW parameters are plain: replicated (DDP) or sharded element-wise (FSDP); AdamW is local.
+Every rank thus applies bit-for-bit the same update to the same weights, and the result equals
+one process on the global batch up to the order of floating-point sums in the gradients.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -49,6 +68,7 @@ from torch import Tensor, nn
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.model.moe import Experts
 from k2cli.optim.qk_clip import clip_heads
+from k2cli.train import distributed as dist
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (Keller Jordan's Muon)
@@ -191,6 +211,24 @@ def orthogonalize(mats: list[Tensor], steps: int = 5) -> list[Tensor]:
     return out
 
 
+def ns_cost(n: int, rows: int, cols: int) -> int:
+    """Newton-Schulz work for n matrices rows x cols (the Gram matmuls dominate): n * a^2 * b."""
+    a, b = sorted((rows, cols))
+    return n * a * a * b
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """Rank owning each item: greedy, biggest first, each to the least loaded rank (ties: lowest
+    rank). Deterministic, so every rank computes the same plan on its own."""
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
 # ----------------------------------------------------------------------------- routing
 
 
@@ -250,6 +288,16 @@ class MuonClip(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=cfg.lr, weight_decay=cfg.weight_decay))
         # QK-Clip rescales attention weights in place; keep the layers (not part of the state).
         self.attn_layers = model.attention_layers() if hasattr(model, "attention_layers") else []
+        self.names = {p: name for name, p in model.named_parameters()}  # canonical checkpoint keys
+        self.rank, self.world = dist.rank(), dist.world_size()
+        for p in self.names:
+            dist.check_row_sharded(p)
+        # Muon tensor -> the rank that orthogonalises it and keeps its momentum (all 0 in one process)
+        self.owner = {}
+        for g in self.param_groups:
+            if g["kind"] == "muon":
+                costs = [ns_cost(p.numel() // (A * B), A, B) for p, (A, B) in zip(g["params"], g["matrix_shapes"])]
+                self.owner.update(zip(g["params"], assign_owners(costs, self.world)))
 
     def set_lr(self, lr: float) -> None:
         for group in self.param_groups:
@@ -269,6 +317,8 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
+        if self.world > 1:
+            return self._distributed_muon_step(group)
         params, dirs = [], []  # dirs[i]: [n, A, B], the direction to orthogonalise
         for p, (A, B) in zip(group["params"], group["matrix_shapes"]):
             if p.grad is None:
@@ -286,18 +336,63 @@ class MuonClip(torch.optim.Optimizer):
             p.mul_(1 - lr * wd)
             p.add_(O.reshape(p.shape), alpha=-lr * rms_scale(*O.shape[-2:]))
 
+    def _distributed_muon_step(self, group: dict) -> None:
+        """Muon with W ranks (module docstring): each matrix orthogonalised once, by its owner."""
+        todo = [(p, AB) for p, AB in zip(group["params"], group["matrix_shapes"]) if p.grad is not None]
+        if not todo:
+            return
+        W, me = self.world, self.rank
+        sharded = dist.is_dtensor(todo[0][0])  # FSDP: params and grads are row shards
+        owned = [[p for p, _ in todo if self.owner[p] == r] for r in range(W)]  # owned[r]: rank r's, in order
+        mine = [(p, AB) for p, AB in todo if self.owner[p] == me]
+        dtype, device = dist.local(todo[0][0].grad).dtype, dist.local(todo[0][0]).device
+
+        def rows(p, r):  # the shape of rank r's shard of p
+            return (dist.rows_per_rank(p.shape[0], W)[r], *p.shape[1:])
+
+        # 1. the full gradient of every matrix this rank owns
+        if sharded:  # everyone sends each owner its rows of the owner's matrices
+            got = dist.exchange([[dist.local(p.grad) for p in owned[r]] for r in range(W)],
+                                [[rows(p, s) for p, _ in mine] for s in range(W)], dtype, device)
+            grads = [torch.cat([got[s][j] for s in range(W)]) for j in range(len(mine))]
+        else:  # DDP: all-reduced during backward, whole on every rank
+            grads = [p.grad for p, _ in mine]
+        # 2. momentum and Newton-Schulz on full matrices, batched over this rank's matrices
+        dirs = []
+        for (p, (A, B)), g in zip(mine, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            dirs.append(momentum_direction(g, state["momentum_buffer"], group["momentum"], group["nesterov"]).reshape(-1, A, B))
+        orth = [O.reshape(p.shape) for O, (p, _) in zip(orthogonalize(dirs, group["ns_steps"]), mine)]
+        # 3. every rank receives what it holds of every update: its rows (FSDP), or all of it (DDP)
+        if sharded:
+            starts = {p: [0] + list(itertools.accumulate(dist.rows_per_rank(p.shape[0], W))) for p, _ in mine}
+            out = [[O[starts[p][s] : starts[p][s + 1]] for O, (p, _) in zip(orth, mine)] for s in range(W)]
+            got = dist.exchange(out, [[rows(p, me) for p in owned[r]] for r in range(W)], dtype, device)
+        else:
+            got = dist.exchange([orth] * W, [[tuple(p.shape) for p in owned[r]] for r in range(W)], dtype, device)
+        update = {p: O for r in range(W) for p, O in zip(owned[r], got[r])}
+        # 4. weight decay and the update, on every rank, to what it holds
+        lr, wd = group["lr"], group["weight_decay"]
+        for p, (A, B) in todo:
+            w = dist.local(p)
+            w.mul_(1 - lr * wd)
+            w.add_(update[p].view_as(w), alpha=-lr * rms_scale(A, B))
+
     def _adamw_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
+            w = dist.local(p)  # the local shard under FSDP: AdamW is element-wise
             if not state:
                 state["step"] = torch.tensor(0.0)  # float32 on CPU, as torch.optim.AdamW keeps it
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
+                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            params.append(w)
+            grads.append(dist.local(p.grad))
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -319,6 +414,65 @@ class MuonClip(torch.optim.Optimizer):
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])  # W -= lr m_hat / denom
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def canonical_state_dict(self) -> dict | None:
+        """The whole optimizer state keyed by parameter name, on rank 0 (None on the others, and
+        every rank must call it: it gathers). Full tensors, whatever the world size or sharding,
+        in the layout of torch.distributed.checkpoint.state_dict's full optimizer state dict:
+
+            {"state": {name: {"momentum_buffer": T} | {"step": T, "exp_avg": T, "exp_avg_sq": T}},
+             "param_groups": [{<options>, "params": [name, ...]}, ...]}
+
+        Momentum is sent to rank 0 by its owner; FSDP's AdamW shards are all-gathered.
+        """
+        main = self.rank == 0
+        mine = [self.names[p] for p, s in self.state.items() if "momentum_buffer" in s]
+        held = [set(names) for names in dist.all_gather_object(mine)]  # momentum: who holds what
+        state = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self.names[p]
+                if group["kind"] == "muon":
+                    owner = self.owner[p]
+                    if name in held[owner]:
+                        buf = dist.to_main(self.state[p]["momentum_buffer"] if owner == self.rank else None, owner,
+                                           tuple(p.shape), dist.local(p).dtype, dist.local(p).device)
+                        if main:
+                            state[name] = {"momentum_buffer": buf.cpu()}
+                elif self.state.get(p):  # AdamW: the same on every rank, full or sharded
+                    entry = {k: dist.full_from_local(p, v) for k, v in self.state[p].items()}
+                    if main:
+                        state[name] = {k: v.cpu() for k, v in entry.items()}
+        if not main:
+            return None
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [self.names[p] for p in g["params"]]}
+                  for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def load_canonical_state_dict(self, sd: dict) -> None:
+        """Load `canonical_state_dict()`'s output (from any world size) into this rank's share:
+        momentum for the matrices it owns, its rows of AdamW's moments under FSDP."""
+        saved = {n: g["name"] for g in sd["param_groups"] for n in g["params"]}
+        ours = {self.names[p]: g["name"] for g in self.param_groups for p in g["params"]}
+        if saved != ours:
+            diff = sorted(set(saved.items()) ^ set(ours.items()))[:3]
+            raise K2Error(f"the optimizer state does not fit this model and optimizer (first differences: {diff})",
+                          "resume with the model and optim recipe that made it, or pass --restart")
+        self.state.clear()
+        for group in self.param_groups:
+            for p in group["params"]:
+                entry = sd["state"].get(self.names[p])
+                if entry is None:
+                    continue
+                w = dist.local(p)
+                if group["kind"] == "muon":
+                    if self.owner[p] == self.rank:
+                        self.state[p] = {"momentum_buffer": entry["momentum_buffer"].to(w.device, w.dtype, copy=True)}
+                else:
+                    self.state[p] = {k: v.clone() if k == "step" else dist.local_rows(p, v).to(w.device, w.dtype, copy=True)
+                                     for k, v in entry.items()}
 
     @torch.no_grad()
     def clip_qk(self, max_logits: Tensor) -> Tensor:

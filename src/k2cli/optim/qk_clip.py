@@ -28,15 +28,34 @@ from torch import Tensor
 
 @torch.no_grad()
 def scale_head_logits(attn, gamma: Tensor) -> None:
-    """Multiply every logit of head h of one MLAttention layer by gamma[h] ([H], > 0), in place."""
-    H, dn = attn.n_heads, attn.dn
+    """Multiply every logit of head h of one MLAttention layer by gamma[h] ([H], > 0), in place.
+
+    Written as one factor per weight row, so that it applies unchanged to a row shard of the
+    weight (FSDP: each rank scales the rows it holds; the rows of unclipped heads get x1.0,
+    which leaves them bit-identical).
+    """
+    H, dn, dr, dv = attn.n_heads, attn.dn, attn.dr, attn.dv
     q_proj = attn.q_b_proj if hasattr(attn, "q_b_proj") else attn.q_proj
-    wq = q_proj.weight.view(H, dn + attn.dr, -1)  # [H, dn+dr, q_in]: per head q^C rows then q^R rows
-    wkv = attn.kv_b_proj.weight.view(H, dn + attn.dv, -1)  # [H, dn+dv, r]: per head k^C rows then v rows
-    g = gamma.to(device=wq.device, dtype=torch.float32)[:, None, None]  # [H, 1, 1]
-    wq[:, :dn] *= g.sqrt()  # q^C
-    wq[:, dn:] *= g  # q^R (its key partner k^R is shared, so q^R takes the whole factor)
-    wkv[:, :dn] *= g.sqrt()  # k^C
+    g = gamma.to(dtype=torch.float32)[:, None]  # [H, 1]
+    # W_qb rows, per head [q^C (dn) | q^R (dr)]: sqrt(gamma) for q^C, gamma for q^R (its key partner
+    # k^R is shared, so q^R takes the whole factor)
+    q_rows = torch.cat([g.sqrt().expand(H, dn), g.expand(H, dr)], dim=1).reshape(-1)
+    # W_kvb rows, per head [k^C (dn) | v (dv)]: sqrt(gamma) for k^C, values untouched
+    kv_rows = torch.cat([g.sqrt().expand(H, dn), torch.ones(H, dv, device=g.device)], dim=1).reshape(-1)
+    _scale_rows(q_proj.weight, q_rows)
+    _scale_rows(attn.kv_b_proj.weight, kv_rows)
+
+
+def _scale_rows(weight: Tensor, factors: Tensor) -> None:
+    """weight[i, :] *= factors[i]; for a DTensor weight, on the rows this rank holds."""
+    factors = factors.to(weight.device)[:, None]
+    if hasattr(weight, "device_mesh"):  # DTensor (FSDP): cut the factors the way the rows are cut
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(factors, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+        weight.to_local().mul_(local)
+    else:
+        weight.mul_(factors)
 
 
 @torch.no_grad()

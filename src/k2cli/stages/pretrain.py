@@ -16,7 +16,7 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, open_artifact
+from k2cli.artifacts import open_artifact
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
 from k2cli.data.lm_data import DataConfig, build_lm_data, load_documents, training_texts
@@ -27,6 +27,7 @@ from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
 from k2cli.recipes import to_dict
+from k2cli.train import distributed as dist
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig, train
 from k2cli.train.outputs import run_dir_for, write_model_outputs
@@ -66,6 +67,7 @@ def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
 
 def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
     t0 = time.time()
+    resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
     recipe.train.validate()
     recipe.optim.validate()
     # 1. data
@@ -95,7 +97,7 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
             "lower train.batch_size or train.seq_len, or add text",
         )
     inputs = [a for a in (data_art, tok_art) if a is not None]
-    with ArtifactWriter(stage="pretrain", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
+    with dist.artifact_writer(stage="pretrain", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
         info(f"pretrain: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens, "
              f"{len(data.train)} rows x {recipe.train.seq_len}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
         model = build_model(cfg, seed=recipe.seed)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, lineage, open_artifact
+from k2cli.artifacts import lineage, open_artifact
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
 from k2cli.data.sft_data import SFTDataConfig, build_sft_data, load_conversations
@@ -25,6 +25,7 @@ from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
 from k2cli.recipes import to_dict
+from k2cli.train import distributed as dist
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig, train
 from k2cli.train.outputs import run_dir_for, write_model_outputs
@@ -72,6 +73,7 @@ def gather_sources(recipe: SFTRecipe, model_art) -> tuple[dict, list]:
 
 def run(recipe: SFTRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
     t0 = time.time()
+    resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
     recipe.data.validate()
     recipe.train.validate()
     model, model_art = load_model(recipe.model, verify=True)
@@ -91,7 +93,7 @@ def run(recipe: SFTRecipe, out: str | None = None, force: bool = False, resume: 
     if recipe.train.batch_size > len(data.train):
         raise K2Error(f"train.batch_size={recipe.train.batch_size} but the SFT data packs into {len(data.train)} rows",
                       "lower train.batch_size or add data")
-    with ArtifactWriter(stage="sft", kind="model", out=out, recipe=to_dict(recipe), inputs=[model_art] + inputs, force=force) as w:
+    with dist.artifact_writer(stage="sft", kind="model", out=out, recipe=to_dict(recipe), inputs=[model_art] + inputs, force=force) as w:
         summary_counts = ", ".join(f"{k}: {v['used']} used ({v['dropped_overlong']} dropped, {v['truncated']} truncated)"
                                    for k, v in data.counts.items())
         info(f"sft: {summary_counts}; {len(data.train)} rows x {recipe.train.seq_len}; run dir {run_dir}")

@@ -15,6 +15,10 @@ is. Everything else is here, once:
 
 Dividing every micro-batch's loss SUM by the unit count of the whole global batch makes the
 accumulated gradient identical to one big batch, on one rank or many.
+
+Under torchrun (see train/distributed.py and docs/distributed.md) the same function runs on
+every rank: it joins the process group, wraps the model for `train.parallel` (ddp | fsdp),
+trains on this rank's disjoint rows of each global batch, and only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from k2cli.model.transformer import ForwardStats
 from k2cli.optim.muon import OptimConfig, build_optimizer
 from k2cli.optim.schedule import ScheduleConfig, lr_at
 from k2cli.train import distributed as dist
-from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from k2cli.train.progress import MetricsLog, TrainProgress, measure_matmul_peak
 
 
@@ -57,6 +61,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
     track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (FSDP2 sharded); one process: ignored
 
     def validate(self):
         if self.steps < 1:
@@ -67,6 +72,12 @@ class TrainConfig:
             raise K2Error(f"train.seq_len must be >= 2, got {self.seq_len}", "set a longer sequence length")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise K2Error(f"unknown train.precision '{self.precision}'", "use auto, fp32 or bf16")
+        if self.parallel not in dist.PARALLEL:
+            raise K2Error(f"unknown train.parallel '{self.parallel}'", "use ddp or fsdp")
+        world = dist.launched_world_size()  # under torchrun, known before the process group exists
+        if self.batch_size % world:
+            raise K2Error(f"train.batch_size={self.batch_size} sequences do not split over {world} ranks",
+                          f"make train.batch_size a multiple of the world size ({world})")
 
 
 class Task(Protocol):
@@ -94,9 +105,11 @@ class RunResult:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise K2Error(f"train.device={name} but no CUDA device is available", "use --set train.device=cpu")
+    if name == "cuda" and dist.is_distributed():
+        return torch.device("cuda", dist.local_rank())  # each rank on its own GPU
     return torch.device(name)
 
 
@@ -145,6 +158,7 @@ def local_slice(batch: dict) -> dict:
     return {k: v[r * per : (r + 1) * per] for k, v in batch.items()}
 
 
+@dist.report_lost_ranks()  # under torchrun: a dead or hung rank -> one clear K2Error, not a hang
 def train(
     model,
     task: Task,
@@ -161,24 +175,26 @@ def train(
 
     resume: "auto" continues from the run directory's latest checkpoint if there is one,
     "yes" requires one, "no" starts over. `wrap(model) -> forward module` applies
-    data parallelism or sharding from outside (see train.distributed); the optimizer
-    always sees the unwrapped model.
+    data parallelism or sharding from outside; by default, under torchrun, `train.parallel`
+    picks DDP or FSDP2 (train.distributed.wrap). The optimizer always sees the unwrapped
+    model. FSDP shards `model` in place: use the returned `RunResult.model` (whole weights).
     """
     cfg.validate()
+    dist.setup()  # under torchrun: join the process group (no-op in one process)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     model.to(device)
-    optimizer = build_optimizer(model, optim_cfg)
     clip_qk = optim_cfg.name == "muonclip"
 
     start = 0
     resumed_from = None
-    ckpt = latest_checkpoint(run_dir) if resume != "no" else None
+    # rank 0 decides, so that every rank resumes from the same checkpoint (on shared storage)
+    ckpt = dist.broadcast_object(latest_checkpoint(run_dir) if resume != "no" and dist.is_main() else None)
     if resume == "yes" and ckpt is None:
         raise K2Error(f"nothing to resume: {run_dir} has no checkpoint", "drop --resume to start a new run")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, recipe)
+        state = load_checkpoint(ckpt, model, None, recipe)  # weights and RNG; optimizer state once it exists
         start = resumed_from = state["step"]
         if dist.is_main():
             from k2cli.console import info
@@ -187,7 +203,10 @@ def train(
     if start >= cfg.steps:
         return RunResult(model, start, [], run_dir, resumed_from)
 
-    forward_model = wrap(model) if wrap else model
+    forward_model = wrap(model) if wrap else dist.wrap(model, cfg.parallel)  # FSDP makes model's params shards
+    optimizer = build_optimizer(model, optim_cfg)  # on the (possibly sharded) parameters
+    if ckpt is not None:
+        load_optimizer_state(ckpt, optimizer)
     if cfg.compile:
         forward_model = torch.compile(forward_model)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
@@ -213,12 +232,14 @@ def train(
                 for i, micro in enumerate(micros):
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
                     stats = ForwardStats(track_max_logits=clip_qk or cfg.track_max_logits)
-                    sync = forward_model.no_sync() if (hasattr(forward_model, "no_sync") and i < len(micros) - 1) else nullcontext()
+                    sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
                         with amp:
                             part, extra = task.loss(forward_model, micro, stats)
                             bal = stats.balance_loss().to(device)
-                        (part / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
+                        # DDP/FSDP average gradients over ranks: x world_size makes that average the
+                        # global SUM / units; the balance loss is a per-rank mean, averaged as it is
+                        (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
                     loss_sum += part.detach().float()
                     balance += bal.detach().float() / len(micros)
                     tokens += int(micro["input_ids"].numel())
@@ -243,6 +264,7 @@ def train(
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                grad_norm = dist.full_tensor(grad_norm)  # FSDP: a DTensor of partial norms
                 lr = lr_at(step, cfg.steps, optim_cfg.lr, schedule_cfg)
                 optimizer.set_lr(lr)
                 optimizer.step()
@@ -264,7 +286,7 @@ def train(
                     record["expert_imbalance"] = sum(imbalance) / len(imbalance)
                     record["expert_imbalance_per_layer"] = imbalance
                     record["expert_load"] = (loads / loads.sum(dim=1, keepdim=True)).tolist()
-                    record["balance_loss"] = float(balance)
+                    record["balance_loss"] = float(dist.all_reduce_sum(balance) / dist.world_size())
 
                 now = time.perf_counter()
                 global_tokens = tokens * dist.world_size()
@@ -272,7 +294,10 @@ def train(
                 record["tokens_per_s"] = global_tokens / max(now - t_last, 1e-9)
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * dist.world_size())
                 record["elapsed_s"] = now - t_begin
-                for k, v in extras.items():  # task metrics, averaged over micro-batches
+                if dist.world_size() > 1 and extras:  # task metrics, averaged over micro-batches and ranks
+                    sums = dist.all_reduce_sum(torch.tensor([extras[k] for k in sorted(extras)], device=device))
+                    extras = dict(zip(sorted(extras), (sums / dist.world_size()).tolist()))
+                for k, v in extras.items():
                     record[k] = v / len(micros)
                 t_last = now
 
@@ -287,17 +312,19 @@ def train(
                     log.write(record)
                 progress.update(done, record)
 
-                if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop["stop"]:
-                    if dist.is_main():
-                        save_checkpoint(run_dir, done, model, optimizer, recipe, keep=cfg.keep_checkpoints)
-                    dist.barrier()
+                stopping = dist.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
+                if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
+                    # every rank takes part (shards and momentum are gathered); rank 0 writes
+                    save_checkpoint(run_dir, done, model, optimizer, recipe, keep=cfg.keep_checkpoints)
                     t_last = time.perf_counter()
-                if stop["stop"] and done < cfg.steps:
+                if stopping and done < cfg.steps:
                     raise Interrupted(
-                        f"{title} stopped by {stop['stop']} after step {done}/{cfg.steps}; checkpoint saved in {run_dir}",
+                        f"{title} stopped by {stop['stop'] or 'a signal to another rank'} after step {done}/{cfg.steps}; "
+                        f"checkpoint saved in {run_dir}",
                         "run the same command again to resume exactly where it stopped",
                     )
         finally:
             progress.close()
+    model = dist.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
     model.eval()
     return RunResult(model, cfg.steps, history, run_dir, resumed_from)
