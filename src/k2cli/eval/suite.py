@@ -35,6 +35,12 @@ class EvalConfig:
     max_new_tokens: int = 32
     seq_len: int = 256  # for perplexity
     data: str = ""  # dataset artifact with the held-out sets; empty = found in the model's lineage
+    # passkey suite (eval/passkey.py): lengths are multiples of the model's original context
+    passkey_trials: int = 10  # trials per (length, depth) cell
+    passkey_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    passkey_context: int = 0  # the original context the lengths multiply; 0 = the model's own
+    position_loss_sequences: int = 8  # held-out sequences of the longest passkey length (0 = skip)
 
 
 @dataclass

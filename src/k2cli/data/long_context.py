@@ -1,0 +1,262 @@
+"""Training rows for context extension: the corpus at the new length, long documents, retrieval.
+
+Three sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
+
+  * corpus     — the pre-training corpus packed at the NEW sequence length (same held-out split
+                 as the pretrain run, so evaluation stays on unseen documents);
+  * long_docs  — one long document per row: registers of the synthetic world's people (or,
+                 without a world, of corpus documents), each entry with a random badge number,
+                 each register closed by an index repeating names and badges in order — verbatim
+                 long-range repetition, which is what makes a tiny model grow the copying
+                 (induction) circuit that retrieval needs;
+  * retrieval  — key-value facts ("The code of Anna Avery Berg is 48213.") hidden between
+                 training documents, asked for at the end ("What is the code of Anna Avery Berg?
+                 The code of Anna Avery Berg is 48213."). The distance between fact and question
+                 spans the whole row. This teaches in-context retrieval at every distance the row
+                 allows WITHOUT the evaluation's passkey wording (no "pass key", no grass/sky
+                 filler), so the passkey evaluation measures transfer, not a memorised prompt.
+                 The random codes themselves are masked out of the loss where they first
+                 appear (nothing can predict them); their repetition in the answer is trained.
+
+Every choice flows from the seed: rows are a pure function of (corpus, world, tokenizer, recipe).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from k2cli.data.packing import PackedData
+from k2cli.errors import K2Error
+
+SOURCES = ("corpus", "long_docs", "retrieval")
+
+FACT = "The code of {subject} is {code}."
+QUERY = "What is the code of {subject}? The code of {subject} is"
+
+
+@dataclass
+class LongDataConfig:
+    input: str = ""  # the corpus; "" = the one the model was pre-trained on (found in its lineage)
+    text_field: str = "text"
+    val_fraction: float = 0.05  # only with an explicit input: from the lineage the pretrain split is reused
+    world: str = ""  # dataset artifact (or world.json) for long documents and fact subjects; "" = the corpus's
+    rows: int = 0  # training rows in the mix; 0 = train.steps * train.batch_size (each row seen about once)
+    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4})
+    facts: int = 4  # key-value facts hidden in each retrieval row
+    queries: int = 6  # questions per retrieval row, each after its fact; the last one closes the row
+    answers_only: bool = True  # retrieval rows train only on the answers (the filler is the corpus: trained elsewhere)
+
+    def validate(self):
+        for k, v in self.mix.items():
+            if k not in SOURCES:
+                raise K2Error(f"unknown long-context source '{k}' in data.mix", f"valid: {', '.join(SOURCES)}")
+            if v < 0:
+                raise K2Error(f"data.mix.{k} must be >= 0, got {v}", "use non-negative fractions")
+        if sum(self.mix.values()) <= 0:
+            raise K2Error("data.mix gives every source weight 0", "e.g. data.mix={corpus=0.4, long_docs=0.2, retrieval=0.4}")
+        if self.facts < 1 or self.queries < 1:
+            raise K2Error(f"data.facts={self.facts}, data.queries={self.queries}: a retrieval row needs at least one of each",
+                          "e.g. data.facts=4, data.queries=6")
+        if self.rows < 0:
+            raise K2Error(f"data.rows must be >= 0, got {self.rows}", "0 = train.steps x train.batch_size")
+        if not 0 <= self.val_fraction < 1:
+            raise K2Error(f"data.val_fraction={self.val_fraction} must be in [0, 1)", "e.g. 0.05")
+
+
+def source_counts(mix: dict[str, float], rows: int) -> dict[str, int]:
+    """Rows per source: fractions normalised, rounded, the remainder given to the largest."""
+    total = sum(mix.get(s, 0.0) for s in SOURCES)
+    counts = {s: int(mix.get(s, 0.0) / total * rows) for s in SOURCES}
+    if rows - sum(counts.values()):
+        counts[max(SOURCES, key=lambda s: mix.get(s, 0.0))] += rows - sum(counts.values())
+    return counts
+
+
+# ----------------------------------------------------------------------------- long documents
+
+
+def register_section(tokenizer, title: str, entries: list[tuple[str, str]], rng: random.Random) -> tuple[list[int], list[bool]]:
+    """A register: numbered entries, each with a random 5-digit badge, then an index that repeats
+    every name with its badge in the same order (how registers, tables of contents and summaries
+    restate what came before). The badges are unpredictable where they first appear (not loss
+    targets); in the index they can only be copied: dense, verbatim long-range copying, the
+    circuit (induction) that retrieval at any distance is built from."""
+    codes = [rng.randint(10000, 99999) for _ in entries]
+    ids, mask = [], []
+
+    def add(text: str, target: bool = True):
+        t = tokenizer.encode(text)
+        ids.extend(t)
+        mask.extend([target] * len(t))
+
+    add(title)
+    for k, ((name, details), code) in enumerate(zip(entries, codes), 1):
+        add(f"\nEntry {k}: {name}, badge")
+        add(f" {code}", target=False)
+        add(f", {details}." if details else ".")
+    add("\nBadge index:")
+    for (name, _), code in zip(entries, codes):
+        add(f" {name} {code};")
+    return ids, mask
+
+
+def long_document(world, docs: list[list[int]], tokenizer, n_tokens: int, rng: random.Random) -> tuple[list[int], list[bool]]:
+    """Register sections until the document has n_tokens tokens: people of the synthetic world
+    with their employer and studies, or, without a world, training documents of the corpus."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    while len(ids) < n_tokens:
+        k = rng.randint(4, 10)
+        if world is not None:
+            org = rng.choice(world.companies)
+            people = rng.sample(world.people, min(k, len(world.people)))
+            title = f"Visitor badge register of {org.name}, {world.city(org.hq_city_id).name}."
+            entries = []
+            for p in people:
+                a = world.attributes(p)
+                entries.append((p.name, f"studied {a['major']} at {a['university']}, works in {a['employer_city']}"))
+        else:
+            title = "Register of documents."
+            entries = [(f"record {rng.randint(100, 999)}", tokenizer.decode(docs[rng.randrange(len(docs))][:48]).strip().rstrip("."))
+                       for _ in range(k)]
+        sec_ids, sec_mask = register_section(tokenizer, ("\n\n" if ids else "") + title, entries, rng)
+        ids += sec_ids
+        mask += sec_mask
+    return ids[:n_tokens], mask[:n_tokens]
+
+
+# ----------------------------------------------------------------------------- retrieval rows
+
+
+def fact_subjects(world, rng: random.Random, n: int) -> list[str]:
+    if world is not None:
+        return [p.name for p in rng.sample(world.people, min(n, len(world.people)))] + \
+               [f"locker {rng.randint(100, 999)}" for _ in range(max(0, n - len(world.people)))]
+    subjects: set[str] = set()
+    while len(subjects) < n:
+        subjects.add(f"locker {rng.randint(100, 999)}")
+    return sorted(subjects, key=lambda _: rng.random())
+
+
+def retrieval_row(docs: list[list[int]], tokenizer, world, seq_len: int, n_facts: int, n_queries: int,
+                  rng: random.Random, answers_only: bool = False) -> tuple[list[int], list[bool]] | None:
+    """[EOT] docs, facts and questions interleaved; the row ends with a question and its answer.
+
+    Each question comes after the fact it asks about, at a random later place, so the distance
+    from question to fact takes every value up to the row length; the last question closes the
+    row. Many questions per row make the copy signal dense (a tiny model needs that to learn
+    in-context retrieval in minutes). With `answers_only` only the answers (the code and the
+    name repeated in "The code of X is") are loss targets. Returns (ids, loss mask) of
+    seq_len + 1 tokens, or None when the facts and questions alone do not fit."""
+    nl = tokenizer.encode("\n")
+    subjects = fact_subjects(world, rng, n_facts)
+    codes = [rng.randint(10000, 99999) for _ in subjects]
+    facts = []  # (ids, mask): the code's first appearance is unpredictable, so it is not a target
+    for s, c in zip(subjects, codes):
+        before = tokenizer.encode("\n" + FACT.format(subject=s, code="").rsplit(" ", 1)[0])
+        code = tokenizer.encode(f" {c}")
+        after = tokenizer.encode(".\n")
+        facts.append((before + code + after, [not answers_only] * len(before) + [False] * len(code) + [not answers_only] * len(after)))
+    questions = []
+    for i in range(n_facts):
+        ask, answer = QUERY.format(subject=subjects[i]).split("? ")
+        ask = tokenizer.encode("\n" + ask + "?")
+        answer = tokenizer.encode(" " + answer + f" {codes[i]}.")
+        questions.append((ask + answer, [not answers_only] * len(ask) + [True] * len(answer)))
+    # events on [0, 1): facts anywhere, each question after its fact; the last question at the very end
+    fact_at = [rng.random() for _ in range(n_facts)]
+    asked = [rng.randrange(n_facts) for _ in range(n_queries)]
+    events = [(fact_at[i], 0, i) for i in range(n_facts)]
+    events += [(fact_at[i] + (1 - fact_at[i]) * rng.random(), 1, i) for i in asked[:-1]]
+    events.sort()
+    last = asked[-1]
+    fixed = 1 + sum(len(f[0]) for f in facts) + sum(len(questions[i][0]) for i in asked)
+    budget = seq_len + 1 - fixed
+    if budget < len(events) + 1:
+        return None
+    # filler: whole training documents separated by newlines, the last one cut to fit exactly
+    filler: list[list[int]] = []
+    n = 0
+    while n < budget:
+        d = docs[rng.randrange(len(docs))]
+        filler.append(d[: budget - n])
+        n += len(filler[-1])
+        if n < budget:
+            filler.append(nl[: budget - n])
+            n += len(filler[-1])
+    # an event at place p goes in front of the first filler piece that starts at or after p * budget
+    starts = np.cumsum([0] + [len(f) for f in filler[:-1]]) / budget
+    ids, mask = [tokenizer.eot_id], [not answers_only]
+    k = 0
+    for j, piece in enumerate(filler + [[]]):
+        while k < len(events) and (j == len(filler) or events[k][0] <= starts[j]):
+            _, kind, i = events[k]
+            seg, seg_mask = facts[i] if kind == 0 else questions[i]
+            ids += seg
+            mask += seg_mask
+            k += 1
+        ids += piece
+        mask += [not answers_only] * len(piece)
+    ids += questions[last][0]
+    mask += questions[last][1]
+    assert len(ids) == seq_len + 1, (len(ids), seq_len + 1)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the mix
+
+
+@dataclass
+class LongData:
+    train: PackedData
+    val: PackedData
+    counts: dict  # rows per source
+    n_docs: int
+    unigram_entropy: float
+
+
+def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, seq_len: int, cfg: LongDataConfig,
+                            rows: int, seed: int) -> LongData:
+    """Mix `rows` training rows: packed corpus rows (from `lm`, an LMData at seq_len), long
+    documents and retrieval rows; validation stays the corpus's held-out rows."""
+    counts = source_counts(cfg.mix, rows)
+    T = seq_len + 1
+    parts, masks = [], []
+    rng = random.Random(f"long-context:{seed}")
+    if counts["corpus"]:
+        n_c = len(lm.train)
+        reps = -(-counts["corpus"] // n_c)
+        idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n_c) for e in range(reps)])[: counts["corpus"]]
+        parts.append(lm.train.tokens[idx])
+        masks.append(np.ones((len(idx), T), dtype=bool))
+    if counts["long_docs"]:
+        docs, doc_masks = [], []
+        for _ in range(counts["long_docs"]):
+            body, body_mask = long_document(world, train_docs, tokenizer, T - 1, rng)
+            docs.append([tokenizer.eot_id] + body)
+            doc_masks.append([True] + body_mask)
+        parts.append(np.asarray(docs, dtype=np.int32))
+        masks.append(np.asarray(doc_masks, dtype=bool))
+    if counts["retrieval"]:
+        ids, mask = [], []
+        for _ in range(counts["retrieval"]):
+            r = None
+            # long names can make many facts and questions overflow a row: then ask fewer, hide fewer
+            for n_f, n_q in [(cfg.facts, q) for q in range(cfg.queries, 0, -1)] + [(f, 1) for f in range(cfg.facts - 1, 0, -1)]:
+                r = retrieval_row(train_docs, tokenizer, world, seq_len, n_f, n_q, rng, cfg.answers_only)
+                if r is not None:
+                    break
+            if r is None:
+                raise K2Error(f"train.seq_len={seq_len} is too short for even one fact and one question per retrieval row",
+                              "raise train.seq_len or set data.mix.retrieval=0")
+            ids.append(r[0])
+            mask.append(r[1])
+        parts.append(np.asarray(ids, dtype=np.int32))
+        masks.append(np.asarray(mask, dtype=bool))
+    tokens = np.concatenate(parts)
+    mask = np.concatenate(masks)
+    return LongData(train=PackedData(tokens, mask if not mask.all() else None), val=lm.val, counts=counts,
+                    n_docs=lm.n_docs, unigram_entropy=lm.unigram_entropy)

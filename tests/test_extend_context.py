@@ -1,0 +1,171 @@
+"""k2 extend-context: the scaled config, the training mix, outputs and lineage, HF export beyond the
+original context, exact resume after SIGINT, and clean errors for bad requests (micro sizes)."""
+
+import json
+import os
+import random
+import re
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import assert_clean_error
+from helpers import model_artifact
+from k2cli.artifacts import open_artifact
+from k2cli.data.long_context import FACT, long_document, retrieval_row, source_counts
+from k2cli.data.tokenizer import load_tokenizer
+from k2cli.data.world import load_world
+from k2cli.errors import Interrupted
+from k2cli.model.config import RopeScaling
+from k2cli.recipes import resolve_recipe
+from k2cli.stages import extend_context
+from k2cli.stages.extend_context import ExtendRecipe
+from k2cli.train.lm_task import LMTask
+
+QUICK = ("--preset", "micro", "--set", "eval.suites=[]")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A micro synthetic world and a micro model pre-trained on it (256 positions), shared by the module."""
+    from k2cli.cli import cli
+
+    root = tmp_path_factory.mktemp("base") / "artifacts"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("K2_ARTIFACTS", str(root))
+        mp.setenv("K2_QUIET", "1")
+        runner = CliRunner()
+        for args in (["data", "synth", "--preset", "micro"],
+                     ["pretrain", str(root / "synth" / "v1"), "--preset", "micro", "--set", "train.steps=4"]):
+            r = runner.invoke(cli, args, catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+    return {"model": str(root / "pretrain" / "v1"), "data": str(root / "synth" / "v1")}
+
+
+def test_training_rows_hide_facts_not_passkeys(base):
+    tok = load_tokenizer(base["model"])
+    world = load_world(base["data"])
+    docs = [tok.encode(f"{p.name} works in a city far away.") for p in world.people[:10]]
+    rng = random.Random(0)
+    for _ in range(5):
+        ids, mask = retrieval_row(docs, tok, world, 300, 3, 2, rng)
+        assert len(ids) == len(mask) == 301 and ids[0] == tok.eot_id
+        text = tok.decode(ids)
+        assert "pass key" not in text and "grass" not in text  # not the evaluation's wording
+        facts = re.findall(r"\nThe code of ([^?.\n]+) is (\d{5})\.\n", text)
+        asked = re.findall(r"What is the code of ([^?]+)\? The code of \1 is (\d{5})\.", text)
+        assert len(facts) == 3 and len(asked) == 2
+        assert set(asked) <= set(facts)  # every question is answered with the code stated earlier
+        assert text.endswith(f"What is the code of {asked[-1][0]}? The code of {asked[-1][0]} is {asked[-1][1]}.")
+        # the codes where they first appear are not loss targets; everything else is
+        hidden = tok.decode([t for t, m in zip(ids, mask) if not m])
+        assert len(hidden.split()) == 3 and all(w.isdigit() and len(w) == 5 for w in hidden.split())
+    ids, mask = retrieval_row(docs, tok, world, 300, 3, 2, rng, answers_only=True)  # the recipe default
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert re.fullmatch(r"( The code of [^?.]+ is \d{5}\.){2}", trained), trained
+    doc, mask = long_document(world, docs, tok, 1200, rng)
+    assert len(doc) == len(mask) == 1200
+    text = tok.decode(doc)
+    assert text.startswith("Visitor badge register of")
+    section = text.split("\n\n")[0]
+    badges = re.findall(r"Entry \d+: ([^,]+), badge (\d{5})", section)
+    index = re.findall(r" ([A-Z][a-z]+ [A-Z][a-z]+ [A-Z][a-z]+) (\d{5});", section.split("Badge index:")[1])
+    assert len(badges) >= 4 and index == badges  # the index repeats the register verbatim, in order
+    hidden = tok.decode([t for t, m in zip(doc, mask) if not m]).split()
+    assert hidden[: len(badges)] == [b for _, b in badges]  # first appearances are not targets; the index is
+    assert source_counts({"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4}, 101) == {"corpus": 41, "long_docs": 20, "retrieval": 40}
+    assert FACT.format(subject="X", code=1) == "The code of X is 1."
+
+
+def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_context(base, k2, tmp_path):
+    k2("extend-context", base["model"], "--preset", "micro", "--factor", 2, "--seq-len", 384)
+    art = open_artifact("extend-context:latest", kind="model")
+    cfg = json.loads(art.file("model.json").read_text())
+    assert cfg["max_position_embeddings"] == 512
+    assert cfg["rope_scaling"] == {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 32.0,
+                                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    m = art.metrics
+    assert m["method"] == "yarn" and m["original_context"] == 256 and m["context"] == 512 and m["seq_len"] == 384
+    assert m["rows_corpus"] + m["rows_long_docs"] + m["rows_retrieval"] == 16  # steps x batch
+    assert 0 <= m["passkey_accuracy_512"] <= 1 and 0 <= m["parent_passkey_accuracy_512"] <= 1  # before / after
+    for name in ("model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.md", "passkey.png",
+                 "position-loss.png", "passkey.md", "passkey.json"):
+        assert art.has(name), name
+    assert "| 512 | 2 |" in art.file("passkey.md").read_text() and "passkey.png" in art.file("summary.md").read_text()
+    assert {i["id"].split("/")[0] for i in art.manifest["inputs"]} == {"pretrain", "synth"}
+
+    # the exported HF model carries the scaling; transformers agrees at 2x and 4x the original context
+    transformers = pytest.importorskip("transformers")
+    k2("export", art.path, "--out", tmp_path / "hf")
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["rope_scaling"]["type"] == "yarn" and hf_cfg["rope_scaling"]["original_max_position_embeddings"] == 256
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="sdpa").eval()
+    from k2cli.model.io import load_model
+
+    ours, _ = load_model(art.path)
+    for T in (512, 1024):
+        x = torch.randint(0, cfg["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4, T
+
+
+def test_plain_extrapolation_keeps_the_original_context_on_record(base, k2):
+    """--method none: no scaling, positions raised; the passkey lengths still multiply the parent's context.
+    (linear and ntk configs: tests/test_rope.py::test_extended_config_for_each_method.)"""
+    from k2cli.eval.passkey import original_context
+    from k2cli.model.io import load_model
+
+    k2("extend-context", base["model"], *QUICK, "--method", "none")
+    art = open_artifact("extend-context:latest", kind="model")
+    model, _ = load_model(art.path)
+    assert model.config.rope_scaling is None and model.config.max_position_embeddings == 512
+    assert art.metrics["original_context"] == 256 and original_context(model.config, art) == 256
+
+
+class InterruptAt(LMTask):
+    """The stage's task, sending SIGINT to this process while it builds the batch of step 1."""
+
+    def batch(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().batch(step)
+
+
+def test_sigint_then_resume_is_bitwise_identical(base, monkeypatch):
+    recipe, _ = resolve_recipe(ExtendRecipe, "extend_context", "micro", None,
+                               [f"model={base['model']}", "eval.suites=[]", "train.checkpoint_every=100"])
+    monkeypatch.setattr(extend_context, "LMTask", InterruptAt)
+    with pytest.raises(Interrupted, match="after step 2/4"):
+        extend_context.run(recipe)
+    monkeypatch.setattr(extend_context, "LMTask", LMTask)
+    resumed = extend_context.run(recipe)  # the same command again: continues from step 2
+    fresh = extend_context.run(recipe, resume="no")  # --restart: from the parent again
+    a, b = load_file(resumed.file("model.safetensors")), load_file(fresh.file("model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(line)["loss"] for line in resumed.file("metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line)["loss"] for line in fresh.file("metrics.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 4
+
+
+def test_bad_requests_are_clean_errors(base, k2):
+    m = base["model"]
+    assert_clean_error(k2("extend-context", m, *QUICK, "--factor", 1, ok=False), "factor must be > 1")
+    assert_clean_error(k2("extend-context", m, *QUICK, "--seq-len", 256, ok=False), "not larger than", "current context (256")
+    assert_clean_error(k2("extend-context", m, *QUICK, "--seq-len", 1024, ok=False), "beyond the extended context")
+    assert_clean_error(k2("extend-context", base["data"], *QUICK, ok=False), "dataset artifact, expected model")
+    assert_clean_error(k2("extend-context", m, "--preset", "micro", "--set", "eval.passkey_lengths=[0.05]", ok=False),
+                       "cannot be built")
+    assert_clean_error(k2("extend-context", m, "--preset", "micro", "--set", "eval.passkey_lengths=[1, 40]", ok=False),
+                       "outside what the suite allows")
+    scaled = model_artifact(["a b c d e f g"] * 20, max_position_embeddings=512,
+                            rope_scaling=RopeScaling(factor=2, original_max_position_embeddings=256))
+    assert_clean_error(k2("extend-context", scaled.path, *QUICK, "--seq-len", 768, ok=False), "already has yarn rope scaling",
+                       "--reextend")
+    assert_clean_error(k2("extend-context", scaled.path, *QUICK, "--seq-len", 768, "--reextend", "--method", "none", ok=False),
+                       "cannot re-extend")
+    # --reextend passes the scaling check; this model has no corpus in its lineage, which is the next thing said
+    assert_clean_error(k2("extend-context", scaled.path, *QUICK, "--seq-len", 768, "--reextend", ok=False),
+                       "no pre-training corpus")
