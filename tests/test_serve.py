@@ -15,8 +15,10 @@ What each group proves:
   * the rephrase stage's `openai` backend against a live k2 serve.
 """
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -599,6 +601,22 @@ def test_rephrase_openai_backend_against_k2_serve(real, monkeypatch):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert backend.embed(["a", "b"]) is None  # k2 serve has no /embeddings: the backend records none
     assert backend.stats["http_requests"] >= 3 and backend.stats["retries"] == 0
+
+
+def test_agentic_openai_agent_against_k2_serve(real, k2):
+    """`k2 agentic --agent openai` drives its episodes through a live k2 serve. A random model does
+    not solve tasks, so every episode comes back and is rejected by the judge, counted by reason,
+    and the stage refuses to write an empty dataset with one clear line."""
+    server, engine = real[0], real[1]
+    k2("data", "synth", "--preset", "micro")
+    prefills = engine.stats["prefills"]
+    r = k2("agentic", "synth:latest", "--preset", "micro", "--agent", "openai", "--base-url", server.base_url,
+           "--model", NAME, "--set", "agents.count=2", "--set", "agents.test_count=0",
+           "--set", 'tasks.templates=["weekday"]', "--set", "policy.max_new_tokens=8", "--set", "episode.max_turns=2", ok=False)
+    assert r.exit_code == 2 and "no trajectory passed the judge" in r.output, r.output
+    counts = ast.literal_eval(re.search(r"judge \((\{.*?\})\)", r.output).group(1))  # {reason: episodes}
+    assert sum(counts.values()) >= 2, r.output
+    assert engine.stats["prefills"] > prefills  # the turns were decoded by the served model
 
 
 @needs_serve

@@ -76,6 +76,13 @@ def show_cmd(ref, as_json):
     out.print(tree)
 
 
+@artifacts_group.command("path")
+@click.argument("ref")
+def path_cmd(ref):
+    """Print REF's directory (for scripts: `cat $(k2 artifacts path report:latest)/REPORT.md`)."""
+    click.echo(open_artifact(ref).path)
+
+
 @artifacts_group.command("verify")
 @click.argument("ref")
 def verify_cmd(ref):

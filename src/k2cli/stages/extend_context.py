@@ -28,7 +28,6 @@ from pathlib import Path
 import rich_click as click
 
 from k2cli.artifacts import artifacts_root, lineage, open_artifact
-from k2cli.train import distributed as dist
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
 from k2cli.data.lm_data import build_lm_data, load_documents
@@ -43,6 +42,7 @@ from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
 from k2cli.recipes import to_dict
+from k2cli.train import distributed as dist
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig, train
 from k2cli.train.outputs import run_dir_for, write_model_outputs
