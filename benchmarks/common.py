@@ -50,6 +50,52 @@ def sync():
         torch.cuda.synchronize()
 
 
+def load_average() -> str:
+    """The machine's 1-minute load average (other jobs share it: ratios are what we record)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def time_one(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each function, called in turn (a, b, c, a, b, c, ...) so that all
+    of them see the same machine — what makes ratios meaningful on a machine shared with other jobs."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def matmul_peak_fn(device: str, n: int = 2048):
+    """(fn, flops): one float32 n^3 matmul, the yardstick of MFU; time it interleaved with the work."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    return (lambda: a @ b), 2 * n**3
+
+
 def time_pair(fn_a, fn_b, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median seconds per call of two functions, run interleaved so both see the same machine."""
     for _ in range(warmup):

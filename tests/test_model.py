@@ -4,8 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from k2cli.errors import K2Error
+from k2cli.model import attention as attention_mod
+from k2cli.model import blocked_attention as blocked
 from k2cli.model import moe as moe_mod
 from k2cli.model.config import ModelConfig, RopeScaling
 from k2cli.model.generate import KVCache, generate
@@ -128,6 +131,69 @@ def test_max_logit_statistic_equals_brute_force(tiny_cfg):
                         s = (qn[i] @ kn[j] + qr[i] @ kr[j]) * attn.softmax_scale
                         best = max(best, float(s))
             assert got[layer_idx, h].item() == pytest.approx(best, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("T, S", [(37, 37), (5, 70)])  # plain causal (ragged last block); a chunk after a cache
+@pytest.mark.parametrize("keep_probs", [True, False])  # probabilities saved for backward, or recomputed
+def test_blocked_attention_matches_sdpa(monkeypatch, T, S, keep_probs):
+    monkeypatch.setattr(blocked, "BLOCK_ROWS", 16)
+    if not keep_probs:
+        monkeypatch.setattr(blocked, "KEEP_PROBS_BYTES", 0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, T, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, S, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, S, 16, generator=g, dtype=torch.float64, requires_grad=True)  # values narrower, as in MLA
+    d_out = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64)
+    out, head_max = blocked.causal_attention(q, k, v, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    visible = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]  # [T, S]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), d_out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    scores = (q @ k.mT * 0.3).masked_fill(~visible, float("-inf"))
+    assert torch.equal(head_max, scores.amax(dim=(0, 2, 3)).float())
+    torch.testing.assert_close(blocked.max_logit_per_head(q, k, 0.3), head_max)  # (that one computes in float32)
+
+
+def test_attention_backends_agree(monkeypatch, tiny_cfg):
+    """CPU's blocked attention and scaled_dot_product_attention: same logits, gradients, max logits."""
+    model = build_model(tiny_cfg, seed=9)
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 70))
+    got = {}
+    for backend in ("blocked", "sdpa"):
+        monkeypatch.setattr(attention_mod, "ATTENTION_BACKEND", backend)
+        stats = ForwardStats(track_max_logits=True)
+        logits = model(x, stats=stats)
+        logits.logsumexp(-1).mean().backward()
+        got[backend] = (logits.detach(), stats.max_logit_matrix(), [p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    (la, ma, ga), (lb, mb, gb) = got["blocked"], got["sdpa"]
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_moe_decoding_path_matches_grouped(tiny_cfg):
+    """Fewer (token, expert) pairs than experts take the one-matmul-per-busy-expert path: same outputs and grads."""
+    experts = build_model(tiny_cfg, seed=10).layers[-1].mlp.experts
+    x = torch.randn(3, tiny_cfg.hidden_size, requires_grad=True)
+    idx = torch.tensor([[0, 5], [5, 2], [7, 0]])  # 6 pairs < 8 experts
+    w = torch.rand(3, 2)
+    out = experts(x, idx, w)
+    grads = torch.autograd.grad(out.square().sum(), (x, experts.gate_up_proj, experts.down_proj))
+    ref = torch.zeros_like(out)  # one expert at a time, no dispatch at all
+    for n in range(3):
+        for slot in range(2):
+            e = idx[n, slot]
+            gate, up = (experts.gate_up_proj[e] @ x[n]).chunk(2)
+            ref[n] += w[n, slot] * (experts.down_proj[e] @ (F.silu(gate) * up))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, experts.gate_up_proj, experts.down_proj))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_stats_are_only_computed_when_asked(tiny_cfg):

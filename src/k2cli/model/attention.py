@@ -13,7 +13,8 @@ Only RMSNorm(c) and rope(k^R) — r + dr numbers per token and layer — are eve
 Two ways to compute the same attention:
 
   * expanded (training, prefill): up-project the latent to per-head keys and values, then
-    one fused scaled_dot_product_attention call;
+    causal attention: on CPU blocked matmuls that also yield the max-logit statistic for
+    free (blocked_attention.py), elsewhere one fused scaled_dot_product_attention call;
   * absorbed (decoding): fold W_kvb into the query and output sides, so each new token
     attends directly over the cached latent (multi-query attention with r + dr wide keys).
 """
@@ -24,13 +25,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2cli.model.blocked_attention import causal_attention, max_logit_per_head
 from k2cli.model.config import ModelConfig
-from k2cli.model.rope import apply_rope, softmax_scale
 from k2cli.model.norm import RMSNorm
+from k2cli.model.rope import apply_rope, softmax_scale
 
 # Decode with the absorbed form when a call brings at most this many new tokens on top of
 # a cache; longer chunks (prefill) are cheaper expanded.
 ABSORB_MAX_NEW_TOKENS = 8
+
+# Which kernel computes unmasked causal attention in the expanded form:
+#   "auto"    blocked matmuls on CPU in float32/64 (faster there, and the statistic is free),
+#             F.scaled_dot_product_attention elsewhere (fused flash kernels on CUDA)
+#   "blocked" / "sdpa"  force one (tests compare them)
+# Calls with an explicit mask (padded batches) always use scaled_dot_product_attention.
+ATTENTION_BACKEND = "auto"
+
+
+def use_blocked(q: torch.Tensor) -> bool:
+    if ATTENTION_BACKEND != "auto":
+        return ATTENTION_BACKEND == "blocked"
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
 
 
 class MLAttention(nn.Module):
@@ -84,6 +99,11 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_rope[:, None].expand(B, H, S, dr)), dim=-1)  # [B, H, S, dn+dr]
         q = torch.cat((q_nope, q_rope), dim=-1)
+        if mask is None and use_blocked(q):
+            out, head_max = causal_attention(q, k, v, self.softmax_scale)  # [B, H, T, dv], [H]
+            if max_logits is not None:
+                max_logits.append(head_max)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
         if max_logits is not None:
             max_logits.append(per_head_max_logit(q, k, self.softmax_scale, mask))
         causal = mask is None and T == S
@@ -100,21 +120,26 @@ class MLAttention(nn.Module):
         """Attention computed over the latent cache: W_kvb folded into query and output.
 
         q^C . k^C = q^C . (W_k c) = (W_k^T q^C) . c, so each head's query is mapped into the
-        latent space once, and all heads share the same r + dr wide key: MQA over the cache.
+        latent space once, and all heads share the same keys (c and k^R): multi-query attention
+        over the cache, written as plain matmuls with the heads folded into the rows
+        ([B, H*T, .] @ [B, ., S]): no per-head copy of the cache, no cat of c and k^R.
         """
         B, H, T, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.r)
+        S, r = latent.shape[1], self.r
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
         w_k, w_v = w[:, : self.dn], w[:, self.dn :]  # [H, dn, r], [H, dv, r]
-        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
-        query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, T, r+dr]
-        key = torch.cat((latent, k_rope), dim=-1)[:, None]  # [B, 1, S, r+dr]
-        value = latent[:, None]  # [B, 1, S, r]
-        S = key.shape[2]
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # [B, H, T, r]
+        # scores = (q_latent . c + q^R . k^R) * scale, heads folded into rows: [B, H*T, S]
+        scores = torch.bmm(q_rope.reshape(B, H * T, self.dr), k_rope.mT)
+        scale = self.softmax_scale
+        scores = torch.baddbmm(scores, q_latent.reshape(B, H * T, r), latent.mT, beta=scale, alpha=scale)
+        scores = scores.view(B, H, T, S)
         if mask is None and T > 1:
-            mask = _offset_causal_mask(T, S, query.device)
-        out_latent = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
-        )  # [B, H, T, r]
+            mask = _offset_causal_mask(T, S, scores.device)
+        if mask is not None:
+            scores = scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(B, H * T, S)
+        out_latent = torch.bmm(probs, latent).view(B, H, T, r)  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bhtv", out_latent, w_v)  # [B, H, T, dv]
 
 
@@ -131,10 +156,9 @@ def per_head_max_logit(q: torch.Tensor, k: torch.Tensor, scale: float, mask=None
     q [B, H, T, d], k [B, H, S, d] -> [H]. Signed (not absolute), causal: masked positions
     never count. Computed in float32, a few sequences at a time to bound memory.
     """
+    if mask is None:  # causal: blocks of visible keys only (blocked_attention.py)
+        return max_logit_per_head(q, k, scale)
     B, H, T, _ = q.shape
-    S = k.shape[2]
-    if mask is None:
-        mask = _offset_causal_mask(T, S, q.device)
     best = torch.full((H,), float("-inf"), device=q.device)
     for s in range(0, B, chunk):
         scores = torch.matmul(q[s : s + chunk].float(), k[s : s + chunk].float().transpose(-1, -2)) * scale

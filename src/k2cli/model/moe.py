@@ -10,8 +10,9 @@ token, I expert width.
     output  sum_k w_k * Expert_k(x) + SharedExperts(x)
 
 Dispatch sorts the N*K (token, expert) pairs by expert so each expert runs one matmul on
-a contiguous slice — `torch._grouped_mm` does all experts in one call — then the results
-are un-sorted and combined. No Python loop touches tokens or (with grouped_mm) experts.
+a contiguous slice — `torch._grouped_mm` does all experts in one call — then each token's
+K results are scatter-added back to it. No Python loop touches tokens or (with grouped_mm)
+experts.
 
 Balancing, used by training:
   * aux-loss-free: after each step b_i -= rate if expert i was overloaded, += rate if
@@ -75,10 +76,25 @@ class Router(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out]."""
+    if x.shape[0] < w.shape[0] and x.device.type == "cpu":
+        # Fewer rows than experts (decoding): most experts are idle. On CPU one matmul per busy
+        # expert beats walking all E groups (and beats gathering each row's expert matrix: a
+        # copy of weights that are read once anyway). (On CUDA the kernel skips empty groups.)
+        return torch.cat([x[s : s + n] @ w[e] for e, s, n in _busy_experts(counts)])
     if HAS_GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     # Fallback (old torch, or float32 on CUDA): one matmul per expert slice.
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+def _busy_experts(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) for every expert with rows, in sorted-row order."""
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out.append((e, start, n))
+            start += n
+    return out
 
 
 class Experts(nn.Module):
@@ -96,14 +112,17 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)  # [N*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts)
-        xs = x.index_select(0, order // K)  # [N*K, D] each pair's token, in expert order
-        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
-        ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        y = ys.index_select(0, unsort)  # back to (token, slot) order: a gather, cheaper than a scatter
-        # weighted sum over each token's K slots: [N, 1, K] @ [N, K, D]
-        return torch.bmm(weights.to(y.dtype)[:, None, :], y.view(N, K, -1)).squeeze(1)
+        token = order // K  # [N*K] the token of each pair, in expert order
+        xs = x.index_select(0, token)  # [N*K, D]
+        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)  # [N*K, I] each
+        # The combine weight scales an expert's output, and the down projection is linear, so it
+        # scales the (narrower) hidden activation instead: w * down(h) = down(w * h). This saves
+        # a [N, K, D] weighted sum whose backward is N tiny outer products.
+        h = F.silu(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)  # [N*K, I]
+        ys = grouped_mm(h, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
+        # Sum each token's K outputs straight from expert order: a scatter-add, whose backward
+        # is a gather (an un-sort then sum would need a zero-filled scatter in the backward).
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
 class MoE(nn.Module):

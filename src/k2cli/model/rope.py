@@ -101,6 +101,17 @@ class Rotary(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., T, dr] by cos/sin [..., T, dr/2] (broadcast)."""
+    """Rotate interleaved pairs of x [..., T, dr] by cos/sin [..., T, dr/2] (broadcast).
+
+    Output [..., T, dr] = [x_e cos - x_o sin | x_o cos + x_e sin] (evens rotated, then odds).
+    """
+    if x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype:
+        # The same arithmetic as one complex multiply per pair, (x_e + i x_o)(cos + i sin), then
+        # a de-interleaving copy: 3 kernels instead of 8 (it matters when decoding one token).
+        pairs = x.unflatten(-1, (-1, 2))  # [..., dr/2, 2]
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.clone()  # view_as_complex needs each (x_e, x_o) pair aligned as one complex number
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))  # [..., dr/2, 2]
+        return rotated.transpose(-1, -2).flatten(-2)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     return torch.cat((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)

@@ -30,8 +30,10 @@ Routing (who is optimised by what), decided once from the model's structure:
            with the same decay rule (2-D+ decayed, 1-D not).
 
 Batching: Muon's cost is the Newton-Schulz matmuls. Matrices of the same shape are stacked and
-orthogonalised in one batched call; a tall matrix is transposed first (NS works on the wide
-orientation anyway), so expert down_proj [D, I] and gate/up [I, D] land in the same batch.
+orthogonalised in batched calls (torch.bmm over e.g. all layers' expert matrices at once); a tall
+matrix is transposed first (NS works on the wide orientation anyway), so expert down_proj [D, I]
+and gate/up [I, D] land in the same batch. Batches are cut into cache-sized chunks, and the
+single-process step applies each chunk's update as soon as it is computed.
 
 State (for exact checkpoint round trips) lives only in `self.state`, as tensors:
     Muon param:  momentum_buffer (param's full shape and dtype; under torchrun only on its owner)
@@ -184,31 +186,48 @@ def muon_update(grad: Tensor, momentum_buf: Tensor, *, momentum: float = 0.95, n
 NS_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
 
 
-def orthogonalize(mats: list[Tensor], steps: int = 5) -> list[Tensor]:
-    """newton_schulz on each of mats[i] [n_i, A_i, B_i], batching all same-shape matrices together.
+def _wide(m: Tensor) -> Tensor:
+    return m.mT if m.shape[-2] > m.shape[-1] else m
 
-    Tall matrices are transposed to wide first, so [A, B] and [B, A] share a batch. Returns a
-    list of new tensors with the same shapes as `mats` (possibly non-contiguous views).
+
+def orthogonalized_batches(mats: list[Tensor], steps: int = 5):
+    """newton_schulz over mats[i] [n_i, A_i, B_i], all same-shape matrices batched together, in
+    cache-sized chunks: yields (pieces, O) per chunk, where O [n, a, b] (a <= b: tall matrices are
+    transposed to wide first, so [A, B] and [B, A] share a batch) holds, in order, matrices
+    j0:j1 of mats[i] for each (i, j0, j1) in pieces.
+
+    Consuming a chunk while it is still in cache (MuonClip applies the update right away) saves
+    writing every result to memory and reading it back. The inputs are never written.
     """
     buckets: dict[tuple, list[int]] = {}
-    wide = []
     for i, m in enumerate(mats):
-        w = m.mT if m.shape[-2] > m.shape[-1] else m
-        wide.append(w)
+        w = _wide(m)
         buckets.setdefault((tuple(w.shape[-2:]), w.dtype, w.device), []).append(i)
-    out: list[Tensor | None] = [None] * len(mats)
     for ((a, b), _dtype, device), idx in buckets.items():
-        batch = torch.cat([wide[i] for i in idx]) if len(idx) > 1 else wide[idx[0]]  # [N, a, b], N = sum n_i
-        chunk = max(1, NS_CHUNK_ELEMENTS.get(device.type, 2**27) // (a * b))
-        if batch.shape[0] <= chunk:
-            orth = newton_schulz(batch, steps)
-        else:
-            orth = torch.empty_like(batch)  # (never write into `batch`: it may be a momentum buffer)
-            for src, dst in zip(batch.split(chunk), orth.split(chunk)):
-                dst.copy_(newton_schulz(src, steps))
-        for i, o in zip(idx, orth.split([wide[i].shape[0] for i in idx])):
-            out[i] = o.mT if mats[i].shape[-2] > mats[i].shape[-1] else o
-    return out
+        chunk = max(1, NS_CHUNK_ELEMENTS.get(device.type, 2**27) // (a * b))  # matrices per chunk
+        pieces, parts, filled = [], [], 0
+        for i in idx:
+            w, j = _wide(mats[i]), 0
+            while j < w.shape[0]:
+                take = min(w.shape[0] - j, chunk - filled)
+                pieces.append((i, j, j + take))
+                parts.append(w[j : j + take])
+                filled, j = filled + take, j + take
+                if filled == chunk:
+                    yield pieces, newton_schulz(torch.cat(parts) if len(parts) > 1 else parts[0], steps)
+                    pieces, parts, filled = [], [], 0
+        if pieces:
+            yield pieces, newton_schulz(torch.cat(parts) if len(parts) > 1 else parts[0], steps)
+
+
+def orthogonalize(mats: list[Tensor], steps: int = 5) -> list[Tensor]:
+    """newton_schulz on each of mats[i] [n_i, A_i, B_i], batching all same-shape matrices together
+    (`orthogonalized_batches`). Returns new tensors with the shapes of `mats`."""
+    out = [torch.empty(_wide(m).shape, dtype=m.dtype, device=m.device) for m in mats]
+    for pieces, O in orthogonalized_batches(mats, steps):
+        for (i, j0, j1), o in zip(pieces, O.split([j1 - j0 for _, j0, j1 in pieces])):
+            out[i][j0:j1] = o
+    return [o.mT if m.shape[-2] > m.shape[-1] else o for o, m in zip(out, mats)]
 
 
 def ns_cost(n: int, rows: int, cols: int) -> int:
@@ -332,9 +351,14 @@ class MuonClip(torch.optim.Optimizer):
         if not params:
             return
         lr, wd = group["lr"], group["weight_decay"]
-        for p, O in zip(params, orthogonalize(dirs, group["ns_steps"])):
-            p.mul_(1 - lr * wd)
-            p.add_(O.reshape(p.shape), alpha=-lr * rms_scale(*O.shape[-2:]))
+        # W <- W (1 - lr wd) - lr * rms_scale * O, applied chunk by chunk as Newton-Schulz yields
+        # them (the same arithmetic as a whole-tensor update, element for element)
+        for pieces, O in orthogonalized_batches(dirs, group["ns_steps"]):
+            for (i, j0, j1), o in zip(pieces, O.split([j1 - j0 for _, j0, j1 in pieces])):
+                A, B = dirs[i].shape[-2:]
+                w = params[i].view(-1, A, B)[j0:j1]  # [j1 - j0, A, B]
+                w.mul_(1 - lr * wd)
+                w.add_(o.mT if A > B else o, alpha=-lr * rms_scale(A, B))
 
     def _distributed_muon_step(self, group: dict) -> None:
         """Muon with W ranks (module docstring): each matrix orthogonalised once, by its owner."""
