@@ -93,6 +93,11 @@ class Task(Protocol):
 
     def evaluate(self, model) -> dict: ...  # e.g. {"val_loss": ...}
 
+    # Optional hooks (RL uses them; a task without them behaves as before):
+    #   step_metrics() -> dict       metrics of the step's batch (e.g. rollout rewards), logged with the step
+    #   state_dict() -> dict         state the batch depends on beyond (seed, step, weights), saved in checkpoints
+    #   load_state_dict(dict | None) restores it on resume
+
 
 @dataclass
 class RunResult:
@@ -196,6 +201,8 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, None, recipe)  # weights and RNG; optimizer state once it exists
         start = resumed_from = state["step"]
+        if hasattr(task, "load_state_dict"):
+            task.load_state_dict(state.get("extra", {}).get("task"))
         if dist.is_main():
             from k2cli.console import info
 
@@ -299,6 +306,8 @@ def train(
                     extras = dict(zip(sorted(extras), (sums / dist.world_size()).tolist()))
                 for k, v in extras.items():
                     record[k] = v / len(micros)
+                if hasattr(task, "step_metrics"):
+                    record.update(task.step_metrics())
                 t_last = now
 
                 done = step + 1
@@ -315,7 +324,8 @@ def train(
                 stopping = dist.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
                 if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
                     # every rank takes part (shards and momentum are gathered); rank 0 writes
-                    save_checkpoint(run_dir, done, model, optimizer, recipe, keep=cfg.keep_checkpoints)
+                    task_state = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
+                    save_checkpoint(run_dir, done, model, optimizer, recipe, extra=task_state, keep=cfg.keep_checkpoints)
                     t_last = time.perf_counter()
                 if stopping and done < cfg.steps:
                     raise Interrupted(
