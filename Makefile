@@ -1,8 +1,10 @@
 # k2 — every target sets itself up first (a local .venv; CPU torch 2.13.0 unless one is present).
 #
-#   make demo      the tiny end-to-end pipeline on CPU, ending in a report
+#   make demo      the tiny end-to-end pipeline on CPU, ending in a report (about 20 min on 2 cores)
+#   make pipeline PRESET=small   the same chain at single-GPU scale
 #   make test      the test suite
 #   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md)
+#   make reproduce the K2 report's claims re-measured at small scale (reproduce/REPORT.md)
 #
 # Use your own torch: `make VENV_FLAGS=--system-site-packages ...` with a python that has it.
 
@@ -16,10 +18,10 @@ K2         := $(BIN)/k2
 PRESET     ?= tiny
 export K2_ARTIFACTS ?= artifacts
 
-.PHONY: setup demo test bench clean-artifacts help
+.PHONY: setup demo pipeline chain test bench reproduce clean-artifacts help
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,11p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -32,17 +34,37 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The pipeline, one stage per line, each skipped when its artifact is up to date with its recipe
+# and inputs (`k2 --reuse`), so rerunning after an interruption continues where it stopped.
+CHAIN_MODELS := pretrain extend-context sft rl
+
 demo: setup
-	$(K2) model init --preset $(PRESET) --out model
-	$(K2) model info model:latest
-	rm -rf $(K2_ARTIFACTS)/export/demo-hf
-	$(K2) export model:latest --format hf --out $(K2_ARTIFACTS)/export/demo-hf
-	$(K2) import-hf $(K2_ARTIFACTS)/export/demo-hf --out import
-	$(K2) artifacts verify import:latest
-	$(K2) artifacts list
+	@$(MAKE) --no-print-directory chain PRESET=tiny
+
+pipeline: setup
+	@$(MAKE) --no-print-directory chain PRESET=$(PRESET)
+
+# `chain` assumes the environment is set up (the e2e test calls it with PRESET=micro).
+chain:
+	$(K2) --reuse data synth --recipe stages/$(PRESET)/synth.toml
+	$(K2) --reuse rephrase --recipe stages/$(PRESET)/rephrase.toml
+	$(K2) --reuse pretrain --recipe stages/$(PRESET)/pretrain.toml
+	$(K2) --reuse extend-context --recipe stages/$(PRESET)/extend_context.toml
+	$(K2) --reuse agentic --recipe stages/$(PRESET)/agentic.toml
+	$(K2) --reuse sft --recipe stages/$(PRESET)/sft.toml
+	$(K2) --reuse rl --recipe stages/$(PRESET)/rl.toml
+	$(K2) --reuse eval $(foreach m,$(CHAIN_MODELS),$(m):latest --label $(m)) --recipe stages/$(PRESET)/eval.toml
+	$(K2) --reuse report eval:latest
+	@echo "report: $$($(K2) artifacts path report:latest)/REPORT.md"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py --out benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/bench_serve.py
+
+# The K2 report's claims re-measured at small scale (REPRO_PRESET=gpu on one GPU): reproduce/REPORT.md
+REPRO_PRESET ?= cpu
+reproduce: setup
+	$(BIN)/python reproduce/run.py --preset $(REPRO_PRESET)
 
 clean-artifacts:
 	rm -rf $(K2_ARTIFACTS)
