@@ -89,7 +89,8 @@ def prepare(model, tokenizer, pools, critic: Critic, recipe: RLRecipe, context: 
         return prep
     t0 = time.perf_counter()
     cfg, t_start = recipe.rl, recipe.temperature.start
-    info(f"rl: selecting prompts by pass@{recipe.select.k} of {recipe.model} ...")
+    if recipe.select.k:
+        info(f"rl: selecting prompts by pass@{recipe.select.k} of {recipe.model} ...")
     selected, select_stats, first_pairs = select_prompts(model, tokenizer, pools, recipe.select, context, t_start, recipe.seed,
                                                          cfg.gen_batch_size)
     info("rl: held-out critic pairs and the starting model's held-out rewards ...")
@@ -191,52 +192,60 @@ def setup(recipe: RLRecipe, resume: str = "auto") -> Setup:
     return build(recipe, load_inputs(recipe), resume)
 
 
+def results(recipe: RLRecipe, s: Setup, hist: list[dict]) -> tuple[dict, list[str], str]:
+    """The artifact's flat metrics, the summary's start -> end table rows, and a one-line gain."""
+    prep, start = s.prep, s.prep["start"]
+    end = next((r for r in reversed(hist) if any(k.startswith("heldout_") for k in r)), {})
+    keys = sorted(k for k in start if k.startswith("heldout_") and not k.endswith(("_truncated", "_tokens")))
+    fresh_first, fresh_last, fresh_n = fresh_critic_accuracy(hist)
+    metrics = {"chat": True, "steps": recipe.train.steps, "loss": recipe.rl.loss, "prepare_s": round(prep["prepare_s"], 1),
+               "dropped_samples": sum(r.get("dropped_samples", 0) for r in hist),
+               **{f"start_{k}": start[k] for k in keys}, **{f"end_{k}": end.get(k) for k in keys},
+               "critic_accuracy_start": start.get("critic_accuracy"), "critic_accuracy_end": end.get("critic_accuracy"),
+               "critic_heldout_pairs": len(prep["pairs"]), "critic_first_pairs": len(prep["first_pairs"]),
+               "critic_accuracy_fresh_first": fresh_first, "critic_accuracy_fresh_last": fresh_last,
+               "critic_fresh_pairs": fresh_n, **prep["select_stats"]}
+    rows = [f"| {k.replace('heldout_', '')} | {_fmt(start.get(k))} | {_fmt(end.get(k))} |" for k in keys]
+    rows.append(f"| critic pairwise accuracy ({len(prep['pairs'])} held-out pairs) | {_fmt(start.get('critic_accuracy'))} | "
+                f"{_fmt(end.get('critic_accuracy'))} |")
+    rows.append(f"| critic accuracy on each step's new pairs, first / last quarter of the run ({fresh_n} pairs) | "
+                f"{_fmt(fresh_first)} | {_fmt(fresh_last)} |")
+    gains = ", ".join(f"{k.replace('heldout_', '')} {_fmt(start.get(k))}->{_fmt(end.get(k))}" for k in keys)
+    return metrics, rows, gains
+
+
 def run(recipe: RLRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
     t0 = time.time()
     resume = dist.begin_stage(resume)
     s = load_inputs(recipe)
     with dist.artifact_writer(stage="rl", kind="model", out=out, recipe=to_dict(recipe), inputs=s.inputs, force=force) as w:
         s = build(recipe, s, resume)  # after the writer: `k2 --reuse` stops before any sampling
-        model, model_art, task, run_dir, prep, names = s.model, s.model_art, s.task, s.run_dir, s.prep, list(s.pools)
+        task, names = s.task, list(s.pools)
         info(f"rl: {task.P} prompts x {task.K} samples per step, loss {recipe.rl.loss} (tau {recipe.rl.tau:g}), "
-             f"envs {', '.join(task.names)}; run dir {run_dir}")
-        result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe), title="rl", resume=resume)
-        hist = _history(run_dir)
-        start = prep["start"]
-        end = next((r for r in reversed(hist) if any(k.startswith("heldout_") for k in r)), {})
-        heldout_keys = sorted(k for k in start if k.startswith("heldout_") and not k.endswith(("_truncated", "_tokens")))
-        w.metrics = {"chat": True, "steps": recipe.train.steps, "loss": recipe.rl.loss, "wall_s": round(time.time() - t0, 1),
-                     "prepare_s": round(prep["prepare_s"], 1),
-                     "dropped_samples": sum(r.get("dropped_samples", 0) for r in hist),
-                     **{f"start_{k}": start[k] for k in heldout_keys}, **{f"end_{k}": end.get(k) for k in heldout_keys},
-                     "critic_accuracy_start": start.get("critic_accuracy"), "critic_accuracy_end": end.get("critic_accuracy"),
-                     "critic_heldout_pairs": len(prep["pairs"]), "critic_first_pairs": len(prep["first_pairs"]),
-                     **prep["select_stats"]}
-        fresh_first, fresh_last, fresh_n = fresh_critic_accuracy(hist)
-        w.metrics.update(critic_accuracy_fresh_first=fresh_first, critic_accuracy_fresh_last=fresh_last, critic_fresh_pairs=fresh_n)
-        rows = [f"| {k.replace('heldout_', '')} | {_fmt(start.get(k))} | {_fmt(end.get(k))} |" for k in heldout_keys]
-        rows.append(f"| critic pairwise accuracy ({len(prep['pairs'])} held-out pairs) | {_fmt(start.get('critic_accuracy'))} | "
-                    f"{_fmt(end.get('critic_accuracy'))} |")
-        rows.append(f"| critic accuracy on each step's new pairs, first / last quarter of the run ({fresh_n} pairs) | "
-                    f"{_fmt(fresh_first)} | {_fmt(fresh_last)} |")
-        plots = [p for p in (plot_rewards(hist, start, w.dir / "rewards.png", names),
+             f"envs {', '.join(task.names)}; run dir {s.run_dir}")
+        result = train(s.model, task, recipe.optim, recipe.schedule, recipe.train, s.run_dir, to_dict(recipe), title="rl",
+                       resume=resume)
+        hist = _history(s.run_dir)
+        w.metrics, rows, gains = results(recipe, s, hist)
+        w.metrics["wall_s"] = round(time.time() - t0, 1)
+        plots = [p for p in (plot_rewards(hist, s.prep["start"], w.dir / "rewards.png", names),
                              plot_rollout_stats(hist, w.dir / "rollouts.png")) if p is not None]
-        summary = [f"- RL of {model_art.id} for {recipe.train.steps} steps: {task.P} prompts x {task.K} samples, "
+        summary = [f"- RL of {s.model_art.id} for {recipe.train.steps} steps: {task.P} prompts x {task.K} samples, "
                    f"{recipe.rl.updates_per_rollout} update(s) per batch of rollouts, loss {recipe.rl.loss} (tau {recipe.rl.tau:g}), "
                    f"{recipe.optim.name} lr {recipe.optim.lr:g}; PTX beta {recipe.ptx.beta:g}; "
                    f"critic: {recipe.critic.model or 'the policy itself'}",
-                   f"- environments (mix): {', '.join(f'{n} {recipe.envs.mix[n]:g}' for n in names)}; prompts selected by "
-                   f"pass@{recipe.select.k}: " + ", ".join(f"{n} {len(prep['selected'].get(n, []))}" for n in names),
+                   f"- environments (mix): {', '.join(f'{n} {recipe.envs.mix[n]:g}' for n in names)}; training prompts "
+                   + (f"kept by pass@{recipe.select.k} selection: " if recipe.select.k else "(no selection): ")
+                   + ", ".join(f"{n} {len(s.prep['selected'].get(n, []))}" for n in names),
                    f"- samples dropped (reward function failed): {w.metrics['dropped_samples']}; wall time {w.metrics['wall_s']} s",
                    "", "| held-out (greedy) | start | end |", "|---|---:|---:|", *rows, "",
                    *[f"![{p.stem}]({p.name})" for p in plots], "", "Rollout samples: rollouts.jsonl (a few per step)."]
-        write_model_outputs(w, result.model, model_art.path, run_dir, "rl", summary,
+        write_model_outputs(w, result.model, s.model_art.path, s.run_dir, "rl", summary,
                             tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None)
         for name in ("rollouts.jsonl", "prepare.json"):
-            if (run_dir / name).exists():
-                shutil.copy2(run_dir / name, w.dir / name)
-        gains = ", ".join(f"{k.replace('heldout_', '')} {_fmt(start.get(k))}->{_fmt(end.get(k))}" for k in heldout_keys)
-        art = w.commit(summary=f"RL of {model_art.id}: held-out {gains}")
+            if (s.run_dir / name).exists():
+                shutil.copy2(s.run_dir / name, w.dir / name)
+        art = w.commit(summary=f"RL of {s.model_art.id}: held-out {gains}")
     info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s; held-out {gains}")
     return art
 
