@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import assert_clean_error
 from helpers import model_artifact
 from k2cli.artifacts import open_artifact
-from k2cli.data.long_context import FACT, long_document, retrieval_row, source_counts
+from k2cli.data.long_context import FACT, copy_row, long_document, retrieval_row, source_counts
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.data.world import load_world
 from k2cli.errors import Interrupted
@@ -76,8 +76,32 @@ def test_training_rows_hide_facts_not_passkeys(base):
     assert len(badges) >= 4 and index == badges  # the index repeats the register verbatim, in order
     hidden = tok.decode([t for t, m in zip(doc, mask) if not m]).split()
     assert hidden[: len(badges)] == [b for _, b in badges]  # first appearances are not targets; the index is
-    assert source_counts({"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4}, 101) == {"corpus": 41, "long_docs": 20, "retrieval": 40}
+    assert source_counts({"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4}, 101) == {"corpus": 41, "long_docs": 20, "retrieval": 40, "copy": 0}
+    assert source_counts({"corpus": 0.3, "long_docs": 0.1, "retrieval": 0.4, "copy": 0.2}, 10) == \
+        {"corpus": 3, "long_docs": 1, "retrieval": 4, "copy": 2}
     assert FACT.format(subject="X", code=1) == "The code of X is 1."
+
+
+def test_copy_rows_repeat_random_codes_and_train_only_the_repetition(base):
+    tok = load_tokenizer(base["model"])
+    docs = [tok.encode(f"Document {i} says nothing about codes at all.") for i in range(20)]
+    rng = random.Random(0)
+    distances = []
+    for _ in range(20):
+        ids, mask = copy_row(docs, tok, 200, rng)
+        assert len(ids) == len(mask) == 201 and ids[0] == tok.eot_id
+        text = tok.decode(ids)
+        first = re.search(r"Codes:((?: \d{5})+)\.", text)
+        again = re.search(r"\nAgain:((?: \d{5})+)\.", text)
+        assert first and again and first.group(1) == again.group(1)  # verbatim repetition
+        assert 2 <= len(first.group(1).split()) <= 8
+        trained = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert trained == "\nAgain:" + again.group(1) + "."  # answers only: the repetition, nothing else
+        distances.append(again.start() - first.end())
+    assert min(distances) < 40 and max(distances) > 200  # the copying distance spans the row
+    ids, mask = copy_row(docs, tok, 200, rng, answers_only=False)
+    hidden = tok.decode([t for t, m in zip(ids, mask) if not m])
+    assert re.fullmatch(r"Codes:( \d{5})+\.", hidden), hidden  # without answers_only only the first list is hidden
 
 
 def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_context(base, k2, tmp_path):
@@ -89,7 +113,7 @@ def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_contex
                                    "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
     m = art.metrics
     assert m["method"] == "yarn" and m["original_context"] == 256 and m["context"] == 512 and m["seq_len"] == 384
-    assert m["rows_corpus"] + m["rows_long_docs"] + m["rows_retrieval"] == 16  # steps x batch
+    assert m["rows_corpus"] + m["rows_long_docs"] + m["rows_retrieval"] + m["rows_copy"] == 16  # steps x batch
     assert 0 <= m["passkey_accuracy_512"] <= 1 and 0 <= m["parent_passkey_accuracy_512"] <= 1  # before / after
     for name in ("model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.md", "passkey.png",
                  "position-loss.png", "passkey.md", "passkey.json"):

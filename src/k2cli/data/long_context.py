@@ -1,6 +1,6 @@
-"""Training rows for context extension: the corpus at the new length, long documents, retrieval.
+"""Training rows for context extension: the corpus at the new length, long documents, retrieval, copying.
 
-Three sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
+Four sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
 
   * corpus     — the pre-training corpus packed at the NEW sequence length (same held-out split
                  as the pretrain run, so evaluation stays on unseen documents);
@@ -17,6 +17,13 @@ Three sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] 
                  filler), so the passkey evaluation measures transfer, not a memorised prompt.
                  The random codes themselves are masked out of the loss where they first
                  appear (nothing can predict them); their repetition in the answer is trained.
+  * copy       — a list of random 5-digit codes, training documents, then the same list again
+                 ("Codes: 48213 77120 ... Again: 48213 77120 ..."), the repetition being the only
+                 loss target: the densest verbatim-copying signal, for studying why a small model
+                 does or does not retrieve. Off in the recipes (weight 0); what it does to the
+                 tiny model is measured in docs/extend-context.md ("Why the tiny model cannot
+                 retrieve a pass key"): it teaches copying the first token of a number, not the
+                 single digits after it.
 
 Every choice flows from the seed: rows are a pure function of (corpus, world, tokenizer, recipe).
 """
@@ -31,9 +38,10 @@ import numpy as np
 from k2cli.data.packing import PackedData
 from k2cli.errors import K2Error
 
-SOURCES = ("corpus", "long_docs", "retrieval")
+SOURCES = ("corpus", "long_docs", "retrieval", "copy")
 
 FACT = "The code of {subject} is {code}."
+COPY_HEAD, COPY_AGAIN = "Codes:", "\nAgain:"
 QUERY = "What is the code of {subject}? The code of {subject} is"
 
 
@@ -44,7 +52,7 @@ class LongDataConfig:
     val_fraction: float = 0.05  # only with an explicit input: from the lineage the pretrain split is reused
     world: str = ""  # dataset artifact (or world.json) for long documents and fact subjects; "" = the corpus's
     rows: int = 0  # training rows in the mix; 0 = train.steps * train.batch_size (each row seen about once)
-    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4})
+    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4, "copy": 0.0})
     facts: int = 4  # key-value facts hidden in each retrieval row
     queries: int = 6  # questions per retrieval row, each after its fact; the last one closes the row
     answers_only: bool = True  # retrieval rows train only on the answers (the filler is the corpus: trained elsewhere)
@@ -206,6 +214,39 @@ def retrieval_row(docs: list[list[int]], tokenizer, world, seq_len: int, n_facts
     return ids, mask
 
 
+# ----------------------------------------------------------------------------- copy rows
+
+
+def copy_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Random, answers_only: bool = True) -> tuple[list[int], list[bool]]:
+    """[EOT] "Codes: c1 ... ck." filler "Again: c1 ... ck." — seq_len + 1 tokens, ids and loss mask.
+
+    k (2 to 8 codes) and the filler's length (0 to the whole row, skewed short: room x u^2) are
+    drawn per row, so the copying distance spans the row. The first list is unpredictable (never a target); the
+    repetition is (with `answers_only`, only it)."""
+    T = seq_len + 1
+    while True:
+        codes = " " + " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(2, 8))) + "."
+        first = tokenizer.encode(COPY_HEAD) + tokenizer.encode(codes)
+        again = tokenizer.encode(COPY_AGAIN) + tokenizer.encode(codes)
+        room = T - 1 - len(first) - len(again)
+        if room >= 0:
+            break
+    n_filler = int(room * rng.random() ** 2)  # mostly short distances (where copying is learned first), up to the row
+    filler: list[int] = []
+    while len(filler) < n_filler:
+        filler += tokenizer.encode("\n") + docs[rng.randrange(len(docs))]
+    filler = filler[:n_filler]
+    tail = T - 1 - len(first) - n_filler - len(again)  # after the repetition: more documents, trained as text
+    after: list[int] = []
+    while len(after) < tail:
+        after += tokenizer.encode("\n") + docs[rng.randrange(len(docs))]
+    after = after[:tail]
+    ids = [tokenizer.eot_id] + first + filler + again + after
+    mask = [not answers_only] * (1 + len(first) + n_filler) + [True] * len(again) + [not answers_only] * tail
+    mask[1 : 1 + len(first)] = [False] * len(first)  # the first list: nothing can predict it
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------- the mix
 
 
@@ -256,6 +297,10 @@ def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, s
             mask.append(r[1])
         parts.append(np.asarray(ids, dtype=np.int32))
         masks.append(np.asarray(mask, dtype=bool))
+    if counts["copy"]:
+        copies = [copy_row(train_docs, tokenizer, seq_len, rng, cfg.answers_only) for _ in range(counts["copy"])]
+        parts.append(np.asarray([r[0] for r in copies], dtype=np.int32))
+        masks.append(np.asarray([r[1] for r in copies], dtype=bool))
     tokens = np.concatenate(parts)
     mask = np.concatenate(masks)
     return LongData(train=PackedData(tokens, mask if not mask.all() else None), val=lm.val, counts=counts,
