@@ -1,10 +1,11 @@
 # k2 — every target sets itself up first (a local .venv; CPU torch 2.13.0 unless one is present).
 #
-#   make demo      the tiny end-to-end pipeline on CPU, ending in a report (about 20 min on 2 cores)
+#   make demo      the tiny end-to-end pipeline on CPU, ending in a report (8 min on 2 idle cores)
 #   make pipeline PRESET=small   the same chain at single-GPU scale
 #   make test      the test suite
 #   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md)
 #   make reproduce the K2 report's claims re-measured at small scale (reproduce/REPORT.md)
+#   make reproduce-quick   the same experiments at micro size, a smoke run in minutes
 #
 # Use your own torch: `make VENV_FLAGS=--system-site-packages ...` with a python that has it.
 
@@ -18,10 +19,10 @@ K2         := $(BIN)/k2
 PRESET     ?= tiny
 export K2_ARTIFACTS ?= artifacts
 
-.PHONY: setup demo pipeline chain test bench reproduce clean-artifacts help
+.PHONY: setup demo pipeline chain test bench reproduce reproduce-quick clean-artifacts help
 
 help:
-	@sed -n '1,11p' Makefile
+	@sed -n '1,12p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -65,6 +66,10 @@ bench: setup
 REPRO_PRESET ?= cpu
 reproduce: setup
 	$(BIN)/python reproduce/run.py --preset $(REPRO_PRESET)
+
+# Every experiment at micro size (minutes): a smoke run whose report goes under reproduce/artifacts/quick
+reproduce-quick: setup
+	$(BIN)/python reproduce/run.py --quick
 
 clean-artifacts:
 	rm -rf $(K2_ARTIFACTS)
