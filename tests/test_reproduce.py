@@ -134,3 +134,26 @@ def test_a_failing_step_is_reported_and_the_report_still_renders(tmp_path):
     assert run.main(["--quick", "--only", "1", "--root", str(root), "--report-dir", str(report)], runner=Broken) == 1
     text = (report / "REPORT.md").read_text()
     assert "failed (see section)" in text and "the corpus is on fire" in text
+
+
+# ----------------------------------------------------------------------------- copy_probe.py
+
+
+def test_copy_probe_measures_answer_losses_and_embedding_cosines(capsys):
+    spec = importlib.util.spec_from_file_location("copy_probe", REPO / "reproduce" / "copy_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    import torch
+
+    assert probe.mean_cosine(torch.eye(3)) == pytest.approx(0.0)  # orthogonal rows
+    assert probe.mean_cosine(torch.ones(4, 5)) == pytest.approx(1.0)  # parallel rows
+    from helpers import model_artifact
+
+    texts = [probe.FACTS + probe.QUESTION + probe.ANSWER, " ".join(probe.NAMES), "0 1 2 3 4 5 6 7 8 9"] * 20
+    art = model_artifact(texts)
+    assert probe.main([str(art.path)]) == 0
+    out = capsys.readouterr().out
+    assert "answer tokens (teacher-forced loss, nats): ' Berg'" in out and "greedy answer:" in out
+    cos = [float(x.rstrip(",")) for x in out.split("mean cosine: digits ")[1].replace("names ", "").split()]
+    assert len(cos) == 2 and all(-1 <= c <= 1 for c in cos)
+    assert probe.main(["no-such-model:v1"]) == 2  # a missing artifact: one error line, exit status 2
