@@ -570,7 +570,8 @@ class Repro:
             k2(*args, "--out", f"kn-pt-{k}")
         for k in corpora:
             args = ["sft", f"kn-pt-{k}:latest", "--recipe", self.recipe("sft")]
-            for s in ("data.agentic=", "data.mix.agentic=0", "data.mix.math=0", "data.mix.qa=1", f"train.steps={K['sft_steps']}",
+            for s in ("data.agentic=", "data.mix.agentic=0", "data.mix.math=0", "data.mix.qa=1", "data.mix.corpus=0",
+                      f"train.steps={K['sft_steps']}",
                       f"train.batch_size={K['batch']}", f"train.seq_len={K['seq']}", f"train.eval_every={K['sft_steps']}",
                       f"schedule.warmup_steps={max(1, K['sft_steps'] // 10)}"):
                 args += ["--set", s]

@@ -78,3 +78,37 @@ def test_sft_bad_inputs(setup, k2):
     assert_clean_error(k2("sft", model.path, "--data", "agentic:v99", *short, ok=False), "not found")
     assert_clean_error(k2("sft", data.path, *short, ok=False), "dataset artifact, expected model")
     assert_clean_error(k2("sft", model.path, "--data", chats.path, *short, "--set", "data.mix={agentic=1.0, poems=1.0}", ok=False), "unknown SFT source")
+
+
+def test_corpus_replay_trains_every_token_and_stays_out_of_validation(setup, k2):
+    data, chats, model = setup
+    tok = load_tokenizer(model.path)
+    docs = [tok.encode(f"{n} was born in {c} in {y}.") for n, c, y in PEOPLE]
+    convs = {"agentic": load_conversations("agentic", chats), "corpus": [{"ids": d} for d in docs]}
+    sft = build_sft_data(tok, convs, SFTDataConfig(mix={"agentic": 1.0, "corpus": 2.0}), seq_len=192, seed=0)
+    assert sft.counts["corpus"]["used"] == 12 and sft.counts["corpus"]["trained_tokens"] == 2 * sum(len(d) for d in docs)
+    rows = sft.train.rows(np.arange(len(sft.train)))
+    trained = tok.decode([int(t) for t in rows["targets"].flatten() if t != -100])
+    assert "Anna Berg was born in Oslo in 1987." in trained  # the whole document is a target
+    val = sft.val.rows(np.arange(len(sft.val)))
+    assert "was born in" not in tok.decode([int(t) for t in val["input_ids"].flatten()])  # validation: chats only
+    # from the CLI: the corpus is named (or found in the lineage) and recorded as an input
+    k2("sft", model.path, "--data", chats.path, "--set", "train.steps=2", "--set", "train.batch_size=2",
+       "--set", "train.seq_len=192", "--set", f"data.corpus={data.path}", "--set", "data.mix={agentic=1.0, corpus=1.0}")
+    from k2cli.artifacts import open_artifact
+
+    art = open_artifact("sft:latest", kind="model")
+    # 24 corpus documents, 1 held out as the pretrain split would (val_fraction 0.05): only training documents are replayed
+    assert art.metrics["corpus_used"] == 23 and art.metrics["agentic_used"] == 6
+    assert data.id in [i["id"] for i in art.manifest["inputs"]]
+
+
+def test_replay_without_a_corpus_in_the_lineage_is_skipped_unless_named(setup, k2):
+    _, chats, model = setup  # a model with no pretrain recipe in its lineage (like one imported from HF)
+    args = ("sft", model.path, "--data", chats.path, "--set", "train.steps=1", "--set", "train.batch_size=2",
+            "--set", "train.seq_len=192", "--set", "data.mix={agentic=1.0, corpus=0.5}")
+    k2(*args)
+    from k2cli.artifacts import open_artifact
+
+    assert open_artifact("sft:latest", kind="model").metrics["agentic_used"] == 6  # trained, without replay
+    assert_clean_error(k2(*args, "--set", "data.corpus=synth:v99", ok=False), "not found")  # named: it must exist

@@ -1,4 +1,5 @@
-"""From a corpus reference to packed training and validation rows (pretrain, extend-context)."""
+"""From a corpus reference to packed training and validation rows (pretrain, extend-context), and the
+pre-training corpus of a model found through its lineage (extend-context, sft replay)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from k2cli.artifacts import artifacts_root
+from k2cli.artifacts import artifacts_root, lineage
 from k2cli.data.loading import corpus_fingerprint, load_corpus
 from k2cli.data.packing import PackedData, pack, split_documents, tokenize_corpus, unigram_entropy
+from k2cli.errors import K2Error
 
 
 @dataclass
@@ -65,3 +67,37 @@ def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, val_fracti
 
 def cache_dir() -> Path:
     return artifacts_root() / "cache"
+
+
+def lineage_corpus(model_art, ref: str = "", val_fraction: float = 0.05, seed: int = 0,
+                   key: str = "data.input") -> tuple[str, int, float, str]:
+    """(corpus ref, split seed, validation fraction, how it was found).
+
+    With `ref`, that corpus split by (val_fraction, seed). Otherwise the corpus the model was
+    pre-trained on, split exactly as the pretrain run split it, so its held-out documents stay held
+    out. `key` is the recipe key that names a corpus explicitly (for the error's hint)."""
+    if ref:
+        return ref, seed, val_fraction, f"{key}={ref}"
+    for _, node in lineage(model_art):
+        if isinstance(node, dict) or node.kind != "model" or "input" not in node.recipe.get("data", {}):
+            continue
+        data = node.recipe["data"]
+        found = data["input"]
+        for inp in node.manifest.get("inputs", []):  # the dataset version it actually read, not today's :latest
+            if inp.get("kind") == "dataset" and Path(inp.get("path", "")).is_dir():
+                found = inp["path"]
+                break
+        return found, int(node.recipe.get("seed", 0)), float(data.get("val_fraction", 0.05)), f"the corpus of {node.id}"
+    raise K2Error(f"no pre-training corpus found in the lineage of {model_art.id}",
+                  f"pass the corpus with --set {key}=REF (a dataset artifact or text files)")
+
+
+def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "text", key: str = "data.corpus"):
+    """The pre-training corpus's TRAINING documents as token ids (held-out ones left out), its
+    dataset artifact (or None) and how it was found: what a later stage replays."""
+    ref, split_seed, val_fraction, how = lineage_corpus(model_art, ref, key=key)
+    ds, art, fingerprint = load_documents(DataConfig(input=ref, text_field=text_field))
+    ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
+    train_idx, _ = split_documents(len(ids), val_fraction, split_seed)
+    return [ids[i] for i in train_idx], art, how
+

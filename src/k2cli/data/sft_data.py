@@ -5,7 +5,12 @@ Sources (all optional, weighted by the recipe's mix):
                JSON strings), made by `k2 agentic`;
   * qa       — `qa_train/` of a synthetic-world dataset: one question, one short answer
                (Physics of Language Models 3.1: QA fine-tuning on half the people);
-  * math     — `math/`: word problems answered with step-by-step solutions.
+  * math     — `math/`: word problems answered with step-by-step solutions;
+  * corpus   — plain documents of the model's pre-training corpus (its training split, found in the
+               lineage), loss on every token: replay, so that fine-tuning a small model on more
+               tokens than it was pre-trained on does not erase its language model (the tiny demo's
+               SFT, without it, takes held-out text loss from 0.87 to 5.8 nats, about the unigram
+               entropy). Replayed documents never enter the validation split.
 
 Every conversation is checked for role order, rendered with the chat template (loss on the
 assistant's tokens only), and dropped or truncated when it does not fit the context — both
@@ -24,13 +29,14 @@ from k2cli.data.chat import render, validate_conversation
 from k2cli.data.packing import PackedData, pack
 from k2cli.errors import K2Error
 
-SOURCES = ("agentic", "qa", "math")
+SOURCES = ("agentic", "qa", "math", "corpus")
 
 
 @dataclass
 class SFTDataConfig:
     agentic: str = "agentic:latest"  # dataset artifact with chat/ ("" to skip)
     knowledge: str = ""  # dataset artifact with qa_train/ and math/; "" = the nearest one in the model's lineage
+    corpus: str = ""  # replayed documents (mix.corpus > 0); "" = the model's pre-training corpus, from its lineage
     mix: dict[str, float] = field(default_factory=lambda: {"agentic": 1.0, "qa": 1.0, "math": 1.0})
     max_per_source: int = 0  # cap per source before mixing; 0 = no cap
     val_fraction: float = 0.05
@@ -116,7 +122,16 @@ def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, 
     counts = {name: {"conversations": len(items), "used": 0, "dropped_overlong": 0, "truncated": 0, "tokens": 0,
                      "trained_tokens": 0} for name, items in convs.items()}
     examples: list[tuple[list[int], list[bool]]] = []
+    replay: list[tuple[list[int], list[bool]]] = []  # corpus documents: training only
     for name, conv in mix_sources(convs, cfg.mix, cfg.max_per_source, seed):
+        if name == "corpus":  # a document: every token is a target; a long one is cut to the row
+            ids = list(conv["ids"][:seq_len])
+            counts[name]["truncated"] += len(conv["ids"]) > seq_len
+            counts[name]["used"] += 1
+            counts[name]["tokens"] += len(ids)
+            counts[name]["trained_tokens"] += len(ids)
+            replay.append((ids, [True] * len(ids)))
+            continue
         validate_conversation(conv["messages"])
         r = render(tokenizer, conv["messages"], conv.get("tools"))
         ids, mask = r.ids, r.mask
@@ -136,7 +151,7 @@ def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, 
     order = rng.permutation(len(examples))
     n_val = max(1, int(round(len(examples) * cfg.val_fraction)))
     val_ex = [examples[i] for i in order[:n_val]]
-    train_ex = [examples[i] for i in order[n_val:]]
+    train_ex = [examples[i] for i in order[n_val:]] + replay
     train = pack([e[0] for e in train_ex], tokenizer.eot_id, seq_len, seed, masks=[e[1] for e in train_ex], train_separator=False)
     val = pack([e[0] for e in val_ex], tokenizer.eot_id, seq_len, seed + 1, masks=[e[1] for e in val_ex], train_separator=False) \
         if sum(len(e[0]) + 1 for e in val_ex) > seq_len + 1 else PackedData(np.zeros((0, seq_len + 1), np.int32))

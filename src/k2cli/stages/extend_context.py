@@ -27,16 +27,16 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import artifacts_root, lineage, open_artifact
+from k2cli.artifacts import artifacts_root
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
-from k2cli.data.lm_data import build_lm_data, load_documents
+from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents
 from k2cli.data.long_context import LongDataConfig, build_long_context_data
 from k2cli.data.packing import split_documents, tokenize_corpus
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.eval.suite import EvalConfig, EvalContext, get_suite
-from k2cli.model.config import ModelConfig, RopeScaling, human
+from k2cli.model.config import ModelConfig, RopeScaling
 from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
@@ -120,27 +120,6 @@ def extended_config(cfg: ModelConfig, ext: ExtendConfig, seq_len: int) -> tuple[
 # ----------------------------------------------------------------------------- data from the lineage
 
 
-def find_corpus(model_art, cfg: LongDataConfig, seed: int) -> tuple[str, int, float, str]:
-    """(corpus ref, split seed, validation fraction, how it was found).
-
-    By default the corpus the model was pre-trained on, split exactly as the pretrain run split
-    it, so its held-out documents stay held out."""
-    if cfg.input:
-        return cfg.input, seed, cfg.val_fraction, f"data.input={cfg.input}"
-    for _, node in lineage(model_art):
-        if isinstance(node, dict) or node.kind != "model" or "input" not in node.recipe.get("data", {}):
-            continue
-        data = node.recipe["data"]
-        ref = data["input"]
-        for inp in node.manifest.get("inputs", []):  # the dataset version it actually read, not today's :latest
-            if inp.get("kind") == "dataset" and Path(inp.get("path", "")).is_dir():
-                ref = inp["path"]
-                break
-        return ref, int(node.recipe.get("seed", 0)), float(data.get("val_fraction", 0.05)), f"the corpus of {node.id}"
-    raise K2Error(f"no pre-training corpus found in the lineage of {model_art.id}",
-                  "pass the corpus with --set data.input=REF (a dataset artifact or text files)")
-
-
 def find_world(cfg: LongDataConfig, data_art):
     from k2cli.data.world import WORLD_FILE, load_world
 
@@ -210,7 +189,7 @@ def run(recipe: ExtendRecipe, out: str | None = None, force: bool = False, resum
         check_request(tokenizer, recipe.eval.passkey_context or orig, recipe.eval)
 
     # data: the corpus at the new length + long documents + retrieval rows
-    ref, split_seed, val_fraction, how = find_corpus(model_art, recipe.data, recipe.seed)
+    ref, split_seed, val_fraction, how = lineage_corpus(model_art, recipe.data.input, recipe.data.val_fraction, recipe.seed)
     from k2cli.data.lm_data import DataConfig
 
     ds, data_art, fingerprint = load_documents(DataConfig(input=ref, text_field=recipe.data.text_field))

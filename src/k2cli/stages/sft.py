@@ -18,6 +18,7 @@ import rich_click as click
 from k2cli.artifacts import lineage, open_artifact
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
+from k2cli.data.lm_data import training_documents
 from k2cli.data.sft_data import SFTDataConfig, build_sft_data, load_conversations
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
@@ -51,9 +52,24 @@ def knowledge_artifact(model_art, ref: str):
     return None
 
 
-def gather_sources(recipe: SFTRecipe, model_art) -> tuple[dict, list]:
+def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]:
     cfg = recipe.data
     convs, inputs = {}, []
+    if cfg.mix.get("corpus", 0) > 0:
+        try:
+            docs, art, how = training_documents(model_art, tokenizer, cfg.corpus)
+        except K2Error:
+            if cfg.corpus:  # named explicitly: it must load
+                raise
+            # e.g. a model imported from Hugging Face: nothing to replay unless a corpus is named
+            info(f"sft: no pre-training corpus in the lineage of {model_art.id}: fine-tuning without replay "
+                 "(name one with --set data.corpus=REF)")
+            docs, art, how = [], None, ""
+        if docs:
+            convs["corpus"] = [{"ids": d} for d in docs]
+            info(f"sft: replaying {how} ({len(docs)} training documents) at weight {cfg.mix['corpus']:g}")
+        if art is not None:
+            inputs.append(art)
     if cfg.mix.get("agentic", 0) > 0 and cfg.agentic:
         art = open_artifact(cfg.agentic, kind="dataset")
         convs["agentic"] = load_conversations("agentic", art)
@@ -66,7 +82,7 @@ def gather_sources(recipe: SFTRecipe, model_art) -> tuple[dict, list]:
             if cfg.mix.get(source, 0) > 0:
                 convs[source] = load_conversations(source, art)
         inputs.append(art)
-    if not any(convs.values()):
+    if not any(v for k, v in convs.items() if k != "corpus"):
         raise K2Error("no SFT conversations: every source is empty or weighted 0", "check data.agentic, data.knowledge and data.mix")
     return convs, inputs
 
@@ -83,7 +99,7 @@ def run(recipe: SFTRecipe, out: str | None = None, force: bool = False, resume: 
     if recipe.train.seq_len > model.config.max_position_embeddings:
         raise K2Error(f"train.seq_len={recipe.train.seq_len} is above the model's {model.config.max_position_embeddings} positions",
                       "lower train.seq_len")
-    convs, inputs = gather_sources(recipe, model_art)
+    convs, inputs = gather_sources(recipe, model_art, tokenizer)
     data = build_sft_data(tokenizer, convs, recipe.data, recipe.train.seq_len, recipe.seed)
     run_dir = run_dir_for("sft", to_dict(recipe), [model_art.manifest["uid"]] + [a.manifest["uid"] for a in inputs])
     if resume == "no" and run_dir.exists():
