@@ -92,12 +92,19 @@ def lineage_corpus(model_art, ref: str = "", val_fraction: float = 0.05, seed: i
                   f"pass the corpus with --set {key}=REF (a dataset artifact or text files)")
 
 
-def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "text", key: str = "data.corpus"):
+def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "text", key: str = "data.corpus",
+                       required: bool = True):
     """The pre-training corpus's TRAINING documents as token ids (held-out ones left out), its
-    dataset artifact (or None) and how it was found: what a later stage replays."""
-    ref, split_seed, val_fraction, how = lineage_corpus(model_art, ref, key=key)
+    dataset artifact (or None) and how it was found: what a later stage replays. Without `ref`
+    and with nothing in the lineage: ([], None, "") when not `required` (a corpus that is found
+    but fails to load is always an error)."""
+    try:
+        ref, split_seed, val_fraction, how = lineage_corpus(model_art, ref, key=key)
+    except K2Error:
+        if required or ref:
+            raise
+        return [], None, ""
     ds, art, fingerprint = load_documents(DataConfig(input=ref, text_field=text_field))
     ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
     train_idx, _ = split_documents(len(ids), val_fraction, split_seed)
     return [ids[i] for i in train_idx], art, how
-

@@ -221,8 +221,8 @@ def copy_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Random,
     """[EOT] "Codes: c1 ... ck." filler "Again: c1 ... ck." — seq_len + 1 tokens, ids and loss mask.
 
     k (2 to 8 codes) and the filler's length (0 to the whole row, skewed short: room x u^2) are
-    drawn per row, so the copying distance spans the row. The first list is unpredictable (never a target); the
-    repetition is (with `answers_only`, only it)."""
+    drawn per row, so the copying distance spans the row. The first list is unpredictable (never
+    a target); the repetition is (with `answers_only`, only it)."""
     T = seq_len + 1
     while True:
         codes = " " + " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(2, 8))) + "."

@@ -56,15 +56,10 @@ def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]
     cfg = recipe.data
     convs, inputs = {}, []
     if cfg.mix.get("corpus", 0) > 0:
-        try:
-            docs, art, how = training_documents(model_art, tokenizer, cfg.corpus)
-        except K2Error:
-            if cfg.corpus:  # named explicitly: it must load
-                raise
-            # e.g. a model imported from Hugging Face: nothing to replay unless a corpus is named
+        docs, art, how = training_documents(model_art, tokenizer, cfg.corpus, required=False)
+        if not how:  # e.g. a model imported from Hugging Face: nothing to replay unless a corpus is named
             info(f"sft: no pre-training corpus in the lineage of {model_art.id}: fine-tuning without replay "
                  "(name one with --set data.corpus=REF)")
-            docs, art, how = [], None, ""
         if docs:
             convs["corpus"] = [{"ids": d} for d in docs]
             info(f"sft: replaying {how} ({len(docs)} training documents) at weight {cfg.mix['corpus']:g}")
