@@ -43,21 +43,24 @@ def training_texts(ds, val_fraction: float, seed: int) -> list[str]:
     return ds.select(train_idx)["text"]
 
 
-def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, val_fraction: float, seed: int) -> LMData:
-    """Tokenise (cached under <root>/cache), hold out validation documents, shuffle, pack."""
-    cache = artifacts_root() / "cache" / "tokens"
-    tokenized = tokenize_corpus(ds, tokenizer, cache, fingerprint)
-    ids = tokenized["ids"]
+def split_token_documents(ds, fingerprint: str, tokenizer, val_fraction: float, seed: int) -> tuple[list, list, int]:
+    """Tokenise (cached under <root>/cache) and hold out validation documents:
+    (training documents' ids, validation documents' ids, number of documents)."""
+    ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
     train_idx, val_idx = split_documents(len(ids), val_fraction, seed)
-    train_docs = [ids[i] for i in train_idx]
-    val_docs = [ids[i] for i in val_idx]
+    return [ids[i] for i in train_idx], [ids[i] for i in val_idx], len(ids)
+
+
+def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, val_fraction: float, seed: int) -> LMData:
+    """Tokenise, hold out validation documents, shuffle, pack."""
+    train_docs, val_docs, n_docs = split_token_documents(ds, fingerprint, tokenizer, val_fraction, seed)
     train = pack(train_docs, tokenizer.eot_id, seq_len, seed)
     val = pack(val_docs, tokenizer.eot_id, seq_len, seed + 1) if val_docs else PackedData(np.zeros((0, seq_len + 1), np.int32))
     n_tokens = sum(len(d) + 1 for d in train_docs)
     return LMData(
         train=train,
         val=val,
-        n_docs=len(ids),
+        n_docs=n_docs,
         n_train_tokens=n_tokens,
         unigram_entropy=unigram_entropy(train.tokens[:, 1:], tokenizer.vocab_size),
         input_artifact=art,
@@ -105,6 +108,4 @@ def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "t
             raise
         return [], None, ""
     ds, art, fingerprint = load_documents(DataConfig(input=ref, text_field=text_field))
-    ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
-    train_idx, _ = split_documents(len(ids), val_fraction, split_seed)
-    return [ids[i] for i in train_idx], art, how
+    return split_token_documents(ds, fingerprint, tokenizer, val_fraction, split_seed)[0], art, how

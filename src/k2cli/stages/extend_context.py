@@ -27,12 +27,10 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import artifacts_root
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
-from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents
+from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents, split_token_documents
 from k2cli.data.long_context import LongDataConfig, build_long_context_data
-from k2cli.data.packing import split_documents, tokenize_corpus
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.eval.suite import EvalConfig, EvalContext, get_suite
@@ -195,9 +193,7 @@ def run(recipe: ExtendRecipe, out: str | None = None, force: bool = False, resum
     ds, data_art, fingerprint = load_documents(DataConfig(input=ref, text_field=recipe.data.text_field))
     world = find_world(recipe.data, data_art)
     lm = build_lm_data(ds, data_art, fingerprint, tokenizer, seq_len, val_fraction, split_seed)
-    ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
-    train_idx, _ = split_documents(len(ids), val_fraction, split_seed)
-    train_docs = [ids[i] for i in train_idx]
+    train_docs = split_token_documents(ds, fingerprint, tokenizer, val_fraction, split_seed)[0]
     n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
     data = build_long_context_data(lm, train_docs, tokenizer, world, seq_len, recipe.data, n_rows, recipe.seed)
     if recipe.train.batch_size > len(data.train):
