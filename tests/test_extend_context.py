@@ -126,14 +126,14 @@ def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_contex
     k2("export", art.path, "--out", tmp_path / "hf")
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["rope_scaling"]["type"] == "yarn" and hf_cfg["rope_scaling"]["original_max_position_embeddings"] == 256
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="sdpa").eval()
+    from helpers import hf_logit_gap, load_hf_float64
     from k2cli.model.io import load_model
 
+    hf = load_hf_float64(tmp_path / "hf")
     ours, _ = load_model(art.path)
     for T in (512, 1024):
         x = torch.randint(0, cfg["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
-        with torch.no_grad():
-            assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4, T
+        assert hf_logit_gap(ours, hf, x) < 1e-9, T
 
 
 def test_plain_extrapolation_keeps_the_original_context_on_record(base, k2):

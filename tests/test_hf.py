@@ -11,6 +11,8 @@ from k2cli.model.hf import from_hf_state_dict, read_hf_config, read_hf_weights, 
 from k2cli.model.io import state_dict_for_saving
 from k2cli.model.transformer import build_model
 
+from helpers import hf_logit_gap, load_hf_float64
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -18,14 +20,6 @@ def export(model, path):
     path.mkdir(parents=True, exist_ok=True)
     write_hf_dir(state_dict_for_saving(model), model.config, path)
     return path
-
-
-def load_hf(path):
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path), output_loading_info=True, attn_implementation="sdpa"
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return hf.eval()
 
 
 VARIANTS = {
@@ -53,12 +47,9 @@ def test_transformers_matches_k2_logits(tiny_cfg, tmp_path, name):
     model = build_model(cfg, seed=11)
     for r in model.routers():  # a non-trivial correction bias must travel too
         r.e_score_correction_bias.normal_(0, 0.05)
-    hf = load_hf(export(model, tmp_path / name))
-    x = torch.randint(0, cfg.vocab_size, (2, T))
-    with torch.no_grad():
-        ours, theirs = model(x), hf(x).logits
-    assert ours.abs().max() > 0.1  # real logits, not a degenerate zero model
-    assert (ours - theirs).abs().max().item() < 1e-4
+    hf = load_hf_float64(export(model, tmp_path / name))
+    x = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+    assert hf_logit_gap(model, hf, x) < 1e-9
 
 
 def test_parity_would_catch_a_wrong_layout(tiny_cfg, tmp_path):
@@ -73,10 +64,9 @@ def test_parity_would_catch_a_wrong_layout(tiny_cfg, tmp_path):
     sd[key] = w
     (tmp_path / "bad").mkdir()
     write_hf_dir(sd, tiny_cfg, tmp_path / "bad")
-    hf = load_hf(tmp_path / "bad")
-    x = torch.randint(0, tiny_cfg.vocab_size, (1, 64))
-    with torch.no_grad():
-        assert (model(x) - hf(x).logits).abs().max() > 1e-3
+    hf = load_hf_float64(tmp_path / "bad")
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(64))
+    assert hf_logit_gap(model, hf, x) > 1e-3
 
 
 def test_exported_config_and_on_disk_layout(tiny_cfg, tmp_path):
@@ -121,6 +111,5 @@ def test_import_of_a_checkpoint_saved_by_transformers(tmp_path, k2):
     from k2cli.model.io import load_model
 
     model, _ = load_model(tmp_path / "imported")
-    x = torch.randint(0, 300, (2, 40))
-    with torch.no_grad():
-        assert (model(x) - hf(x).logits).abs().max() < 1e-4
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(40))
+    assert hf_logit_gap(model, load_hf_float64(tmp_path / "hf"), x) < 1e-9

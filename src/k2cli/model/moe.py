@@ -81,9 +81,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         # expert beats walking all E groups (and beats gathering each row's expert matrix: a
         # copy of weights that are read once anyway). (On CUDA the kernel skips empty groups.)
         return torch.cat([x[s : s + n] @ w[e] for e, s, n in _busy_experts(counts)])
-    if HAS_GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # Fallback (old torch, or float32 on CUDA): one matmul per expert slice.
+    # Fallback (old torch, float32 on CUDA, float64 anywhere): one matmul per expert slice.
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
 
 
