@@ -30,9 +30,18 @@ def test_tokenizer_loads_in_transformers(tmp_path):
     tok = train_tokenizer(TEXTS, vocab_size=400)
     tok.save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    text = "Person 3 studied subject 1."
+    text = "Person 3 studied subject 1. The pass key is 48213, born 1987."
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     assert hf.eos_token == EOT and hf.convert_tokens_to_ids("<|tool_call_begin|>") == tok.token_id("<|tool_call_begin|>")
+
+
+def test_every_digit_is_its_own_token_unless_asked_otherwise():
+    texts = [f"Badge {n} was issued in {1950 + n % 60}." for n in range(10000, 10400)] * 3
+    split, merged = train_tokenizer(texts, vocab_size=500), train_tokenizer(texts, vocab_size=500, split_digits=False)
+    pieces = lambda tok, s: [tok.decode([i]) for i in tok.encode(s)]  # noqa: E731
+    assert pieces(split, " 10213 in 1987") == [" ", "1", "0", "2", "1", "3", " in", " ", "1", "9", "8", "7"]
+    assert split.decode(split.encode(" 10213 in 1987")) == " 10213 in 1987"
+    assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in pieces(merged, " 10213 in 1987"))  # BPE merged some
 
 
 def test_vocab_smaller_than_specials():

@@ -88,8 +88,8 @@ def test_copy_rows_repeat_random_codes_and_train_only_the_repetition(base):
     rng = random.Random(0)
     distances = []
     for _ in range(20):
-        ids, mask = copy_row(docs, tok, 200, rng)
-        assert len(ids) == len(mask) == 201 and ids[0] == tok.eot_id
+        ids, mask = copy_row(docs, tok, 300, rng)
+        assert len(ids) == len(mask) == 301 and ids[0] == tok.eot_id
         text = tok.decode(ids)
         first = re.search(r"Codes:((?: \d{5})+)\.", text)
         again = re.search(r"\nAgain:((?: \d{5})+)\.", text)

@@ -37,6 +37,7 @@ from k2cli.train.outputs import run_dir_for, write_model_outputs
 class TokenizerConfig:
     vocab_size: int = 2048
     min_frequency: int = 2
+    split_digits: bool = True  # every digit its own token (see data/tokenizer.py)
     ref: str = ""  # reuse the tokenizer of this tokenizer/model artifact instead of training one
 
 
@@ -59,7 +60,7 @@ def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
         return load_tokenizer(art.path), art
     if (cache / "tokenizer.json").exists():
         return load_tokenizer(cache), None
-    tok = train_tokenizer(texts_fn(), cfg.vocab_size, cfg.min_frequency)
+    tok = train_tokenizer(texts_fn(), cfg.vocab_size, cfg.min_frequency, cfg.split_digits)
     cache.mkdir(parents=True, exist_ok=True)
     tok.save(cache)
     return tok, None

@@ -15,14 +15,15 @@ from k2cli.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 
 def run(corpus: str, vocab_size: int, min_frequency: int = 2, val_fraction: float = 0.05, seed: int = 0,
-        text_field: str = "text", out: str | None = None, force: bool = False):
+        text_field: str = "text", split_digits: bool = True, out: str | None = None, force: bool = False):
     cfg = DataConfig(input=corpus, text_field=text_field, val_fraction=val_fraction)
     ds, art, _ = load_documents(cfg)
     texts = training_texts(ds, val_fraction, seed)  # never learn merges from validation text
-    recipe = {"data": vars(cfg), "vocab_size": vocab_size, "min_frequency": min_frequency, "seed": seed}
+    recipe = {"data": vars(cfg), "vocab_size": vocab_size, "min_frequency": min_frequency, "split_digits": split_digits,
+              "seed": seed}
     with ArtifactWriter(stage="tokenizer", kind="tokenizer", out=out, recipe=recipe,
                         inputs=[art] if art else [], force=force) as w:
-        tok = train_tokenizer(texts, vocab_size, min_frequency)
+        tok = train_tokenizer(texts, vocab_size, min_frequency, split_digits)
         tok.save(w.dir)
         sample = texts[0][:200]
         w.metrics = {"vocab_size": tok.vocab_size, "special_tokens": len(SPECIAL_TOKENS),
@@ -43,11 +44,14 @@ def tokenizer_group():
 @click.option("--min-frequency", type=int, default=2, show_default=True, help="Minimum pair count for a merge.")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text in JSON records.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out.")
+@click.option("--split-digits/--merge-digits", default=True, show_default=True,
+              help="Every digit its own token, or digits merged by BPE like any other characters.")
 @click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def train_cmd(corpus, vocab_size, min_frequency, text_field, seed, out, force):
+def train_cmd(corpus, vocab_size, min_frequency, text_field, seed, split_digits, out, force):
     """Train a byte-level BPE tokenizer on CORPUS (a dataset artifact or .txt/.jsonl/.parquet files)."""
-    run(corpus, vocab_size, min_frequency, seed=seed, text_field=text_field, out=out, force=force)
+    run(corpus, vocab_size, min_frequency, seed=seed, text_field=text_field, split_digits=split_digits, out=out,
+        force=force)
 
 
 COMMANDS = [tokenizer_group]
