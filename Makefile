@@ -1,6 +1,6 @@
 # k2 — every target sets itself up first (a local .venv; CPU torch 2.13.0 unless one is present).
 #
-#   make demo      the tiny end-to-end pipeline on CPU, ending in a report (8 min on 2 idle cores)
+#   make demo      the tiny end-to-end pipeline on CPU, ending in a report (13 min on 2 idle cores)
 #   make pipeline PRESET=small   the same chain at single-GPU scale
 #   make test      the test suite
 #   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md)
