@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import assert_clean_error
 from helpers import model_artifact
 from k2cli.artifacts import open_artifact
-from k2cli.data.long_context import FACT, copy_row, long_document, retrieval_row, source_counts
+from k2cli.data.long_context import FACT, copy_row, long_document, needle_row, retrieval_row, source_counts
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.data.world import load_world
 from k2cli.errors import Interrupted
@@ -76,10 +76,37 @@ def test_training_rows_hide_facts_not_passkeys(base):
     assert len(badges) >= 4 and index == badges  # the index repeats the register verbatim, in order
     hidden = tok.decode([t for t, m in zip(doc, mask) if not m]).split()
     assert hidden[: len(badges)] == [b for _, b in badges]  # first appearances are not targets; the index is
-    assert source_counts({"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4}, 101) == {"corpus": 41, "long_docs": 20, "retrieval": 40, "copy": 0}
+    assert source_counts({"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4}, 101) == \
+        {"corpus": 41, "long_docs": 20, "retrieval": 40, "copy": 0, "needles": 0}
     assert source_counts({"corpus": 0.3, "long_docs": 0.1, "retrieval": 0.4, "copy": 0.2}, 10) == \
-        {"corpus": 3, "long_docs": 1, "retrieval": 4, "copy": 2}
+        {"corpus": 3, "long_docs": 1, "retrieval": 4, "copy": 2, "needles": 0}
     assert FACT.format(subject="X", code=1) == "The code of X is 1."
+
+
+def test_needle_rows_ask_every_hidden_fact_without_the_probe_wording(base):
+    tok = load_tokenizer(base["model"])
+    docs = [tok.encode(f"Document {i} says nothing about codes at all.") for i in range(20)]
+    rng = random.Random(0)
+    kinds, depths = set(), []
+    for _ in range(40):
+        ids, mask = needle_row(docs, tok, 400, rng, max_needles=3)
+        assert len(ids) == len(mask) == 401 and ids[0] == tok.eot_id
+        text = tok.decode(ids)
+        # the passkey suite's own words never appear: it measures transfer, not a memorised prompt
+        assert not re.search(r"pass key|grass|\bsky\b|\bsun\b|green|blue|yellow", text), text
+        asked = re.findall(r"\nWhat is the ([a-z ]+)\? The \1 is (\d{5})\.", text)
+        assert 1 <= len(asked) <= 3 and text.endswith(f" {asked[-1][1]}.")
+        subjects = [s for s, _ in asked]
+        assert len(set(subjects)) == len(subjects)  # distinct subjects: a question is answered by matching its subject
+        head = text[: text.index("\nWhat is the ")]
+        for subject, code in asked:  # each answer is the code the haystack states for that subject
+            assert re.search(rf"(the {subject} is {code}|{code} is the {subject})", head, re.IGNORECASE), (subject, code)
+            depths.append(head.lower().find(subject) / len(head))
+        trained = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert trained == "".join(f" {c}." for _, c in asked)  # only the answers are loss targets
+        kinds.add("Document" in head)
+    assert kinds == {True, False}  # haystacks of documents and of one repeated passage
+    assert min(depths) < 0.2 and max(depths) > 0.8  # the facts sit anywhere in the haystack
 
 
 def test_copy_rows_repeat_random_codes_and_train_only_the_repetition(base):
@@ -113,7 +140,8 @@ def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_contex
                                    "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
     m = art.metrics
     assert m["method"] == "yarn" and m["original_context"] == 256 and m["context"] == 512 and m["seq_len"] == 384
-    assert m["rows_corpus"] + m["rows_long_docs"] + m["rows_retrieval"] + m["rows_copy"] == 16  # steps x batch
+    assert sum(m[f"rows_{s}"] for s in ("corpus", "long_docs", "retrieval", "needles", "copy")) == 16  # steps x batch
+    assert m["rows_needles"] > 0
     assert 0 <= m["passkey_accuracy_512"] <= 1 and 0 <= m["parent_passkey_accuracy_512"] <= 1  # before / after
     for name in ("model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "summary.md", "passkey.png",
                  "position-loss.png", "passkey.md", "passkey.json"):

@@ -1,30 +1,31 @@
-"""Training rows for context extension: the corpus at the new length, long documents, retrieval, copying.
+"""Training rows for context extension: the corpus at the new length, long documents, retrieval, needles, copying.
 
-Four sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
+Five sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
 
   * corpus     — the pre-training corpus packed at the NEW sequence length (same held-out split
                  as the pretrain run, so evaluation stays on unseen documents);
   * long_docs  — one long document per row: registers of the synthetic world's people (or,
                  without a world, of corpus documents), each entry with a random badge number,
                  each register closed by an index repeating names and badges in order — verbatim
-                 long-range repetition, which is what makes a tiny model grow the copying
-                 (induction) circuit that retrieval needs;
+                 long-range repetition (off in the tiny recipe: retrieval and needle rows teach
+                 copying faster);
   * retrieval  — key-value facts ("The code of Anna Avery Berg is 48213.") hidden between
                  training documents, asked for at the end ("What is the code of Anna Avery Berg?
                  The code of Anna Avery Berg is 48213."). The distance between fact and question
-                 spans the whole row. This teaches in-context retrieval at every distance the row
-                 allows WITHOUT the evaluation's passkey wording (no "pass key", no grass/sky
-                 filler), so the passkey evaluation measures transfer, not a memorised prompt.
-                 The random codes themselves are masked out of the loss where they first
-                 appear (nothing can predict them); their repetition in the answer is trained.
+                 spans the whole row. The random codes themselves are masked out of the loss where
+                 they first appear (nothing can predict them); their repetition in the answer is trained.
+  * needles    — one to three facts about plain-word subjects ("The quiet vault number is 97782.")
+                 hidden at random depths of a haystack that is either training documents or one
+                 short passage of plain sentences repeated ("The lamp is bright. The door is old.
+                 So it goes."), every fact asked at the end. With a small vocabulary such subjects
+                 are spelt in word fragments and such a haystack repeats the same fragments
+                 hundreds of times: a model that learned to retrieve only by matching whole-word
+                 names fails there, and so it failed on the passkey probe (docs/extend-context.md).
+                 The probe's own words (pass key, grass, sky, sun, the colours) are never used, so
+                 the passkey suite measures transfer, not a memorised prompt.
   * copy       — a list of random 5-digit codes, training documents, then the same list again
                  ("Codes: 48213 77120 ... Again: 48213 77120 ..."), the repetition being the only
-                 loss target: the densest verbatim-copying signal, for studying why a small model
-                 does or does not retrieve. Off in the recipes (weight 0); what it does to the
-                 tiny model is measured in docs/extend-context.md ("Why the tiny model cannot
-                 retrieve a pass key"): with digits merged by BPE it taught only a number's first
-                 token; with single-digit tokens, mixed with retrieval rows over 1,200 steps, it
-                 teaches copying whole numbers.
+                 loss target: the densest verbatim-copying signal.
 
 Every choice flows from the seed: rows are a pure function of (corpus, world, tokenizer, recipe).
 """
@@ -39,7 +40,7 @@ import numpy as np
 from k2cli.data.packing import PackedData
 from k2cli.errors import K2Error
 
-SOURCES = ("corpus", "long_docs", "retrieval", "copy")
+SOURCES = ("corpus", "long_docs", "retrieval", "copy", "needles")
 
 FACT = "The code of {subject} is {code}."
 COPY_HEAD, COPY_AGAIN = "Codes:", "\nAgain:"
@@ -53,9 +54,10 @@ class LongDataConfig:
     val_fraction: float = 0.05  # only with an explicit input: from the lineage the pretrain split is reused
     world: str = ""  # dataset artifact (or world.json) for long documents and fact subjects; "" = the corpus's
     rows: int = 0  # training rows in the mix; 0 = train.steps * train.batch_size (each row seen about once)
-    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 0.4, "long_docs": 0.2, "retrieval": 0.4, "copy": 0.0})
+    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 0.2, "retrieval": 0.3, "needles": 0.3, "copy": 0.2})
     facts: int = 4  # key-value facts hidden in each retrieval row
     queries: int = 6  # questions per retrieval row, each after its fact; the last one closes the row
+    needles: int = 3  # most facts hidden in one needle row (1 to this many, all asked at the end)
     answers_only: bool = True  # retrieval rows train only on the answers (the filler is the corpus: trained elsewhere)
 
     def validate(self):
@@ -248,6 +250,87 @@ def copy_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Random,
     return ids, mask
 
 
+# ----------------------------------------------------------------------------- needle rows
+
+# Plain words for needle rows. Subjects ("the brass door code") are two or three of them, so that
+# with a small vocabulary they are spelt in word fragments, as the probe's "pass key" is; the
+# passages are short plain sentences repeated, like the probe's filler. The passkey probe's own
+# content words (pass, key, grass, sky, sun, green, blue, yellow) are left out, so the passkey
+# suite still measures transfer to wording never trained on.
+NEEDLE_NOUNS = ("door", "gate", "box", "safe", "lock", "vault", "room", "case", "bag", "desk", "card", "phone",
+                "locker", "garden", "tower", "river", "bridge", "train", "boat", "lamp", "clock", "radio", "window",
+                "table", "chair", "cart", "bell", "flag", "road", "hill", "lake", "field", "stone", "tree", "bird",
+                "horse", "fish", "apple", "bread", "milk", "coat", "shoe", "hat", "ring", "cup", "plate", "wall")
+NEEDLE_ADJECTIVES = ("red", "white", "black", "brown", "silver", "golden", "small", "large", "old", "new", "quiet",
+                     "bright", "dark", "cold", "warm", "round", "tall", "short", "soft", "heavy", "light", "long",
+                     "empty", "full", "clean", "wet", "dry", "fast", "slow", "open", "closed", "sweet")
+NEEDLE_NAMES = ("code", "number", "word", "pin", "secret", "combination", "signal", "token", "password", "id")
+NEEDLE_FACTS = ("The {subject} is {code}.",
+                "Note that the {subject} is {code}. Keep {code} in mind.",
+                "{code} is the {subject}. The {subject} is {code}.")
+NEEDLE_QUESTION = "What is the {subject}? The {subject} is"
+
+
+def needle_subject(rng: random.Random) -> str:
+    words = [rng.choice(NEEDLE_NOUNS), rng.choice(NEEDLE_NAMES)]
+    if rng.random() < 0.5:
+        words.insert(0, rng.choice(NEEDLE_ADJECTIVES))
+    return " ".join(words)
+
+
+def needle_passage(rng: random.Random) -> str:
+    """Three to six short sentences ("The lamp is bright. Here we wait."), repeated as filler."""
+    sentences = [f"The {rng.choice(NEEDLE_NOUNS)} is {rng.choice(NEEDLE_ADJECTIVES)}." for _ in range(rng.randint(2, 5))]
+    sentences.append(rng.choice(("Here we go.", "There and back.", "So it goes.", "On and on.", "Day after day.")))
+    return " ".join(sentences) + " "
+
+
+def needle_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Random, max_needles: int = 3,
+               answers_only: bool = True) -> tuple[list[int], list[bool]]:
+    """[EOT] haystack with 1..max_needles facts at random depths, then every question with its answer.
+
+    The haystack is, half the time, one short passage of plain sentences repeated (the passkey
+    probe's kind of filler: the same words hundreds of times, few of them informative) and
+    otherwise training documents. Subjects are distinct, so a question can only be answered by
+    matching its subject; only the answers are loss targets with `answers_only`."""
+    T = seq_len + 1
+    n = rng.randint(1, max_needles)
+    subjects: list[str] = []
+    while len(subjects) < n:
+        s = needle_subject(rng)
+        if all(s not in t and t not in s for t in subjects):
+            subjects.append(s)
+    codes = [rng.randint(10000, 99999) for _ in subjects]
+    facts = [tokenizer.encode("\n" + rng.choice(NEEDLE_FACTS).format(subject=s, code=c) + "\n") for s, c in zip(subjects, codes)]
+    qa_ids, qa_mask = [], []
+    for i in rng.sample(range(n), n):
+        ask = tokenizer.encode("\n" + NEEDLE_QUESTION.format(subject=subjects[i]))
+        answer = tokenizer.encode(f" {codes[i]}.")
+        qa_ids += ask + answer
+        qa_mask += [not answers_only] * len(ask) + [True] * len(answer)
+    n_hay = T - 1 - sum(len(f) for f in facts) - len(qa_ids)
+    if n_hay < n + 1:
+        raise K2Error(f"train.seq_len={seq_len} is too short for a needle row", "raise train.seq_len or set data.mix.needles=0")
+    hay: list[int] = []
+    if rng.random() < 0.5:
+        unit = tokenizer.encode(needle_passage(rng))
+        hay = unit * (n_hay // len(unit) + 1)
+    else:
+        while len(hay) < n_hay:
+            hay += tokenizer.encode("\n") + docs[rng.randrange(len(docs))]
+    hay = hay[:n_hay]
+    cuts = sorted(rng.randrange(n_hay + 1) for _ in facts)
+    ids, mask, at = [tokenizer.eot_id], [not answers_only], 0
+    for cut, fact in zip(cuts, facts):
+        ids += hay[at:cut] + fact
+        mask += [not answers_only] * (cut - at) + [False] * len(fact)  # a fact's code: nothing predicts it
+        at = cut
+    ids += hay[at:] + qa_ids
+    mask += [not answers_only] * (n_hay - at) + qa_mask
+    assert len(ids) == T, (len(ids), T)
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------- the mix
 
 
@@ -302,6 +385,10 @@ def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, s
         copies = [copy_row(train_docs, tokenizer, seq_len, rng, cfg.answers_only) for _ in range(counts["copy"])]
         parts.append(np.asarray([r[0] for r in copies], dtype=np.int32))
         masks.append(np.asarray([r[1] for r in copies], dtype=bool))
+    if counts["needles"]:
+        needles = [needle_row(train_docs, tokenizer, seq_len, rng, cfg.needles, cfg.answers_only) for _ in range(counts["needles"])]
+        parts.append(np.asarray([r[0] for r in needles], dtype=np.int32))
+        masks.append(np.asarray([r[1] for r in needles], dtype=bool))
     tokens = np.concatenate(parts)
     mask = np.concatenate(masks)
     return LongData(train=PackedData(tokens, mask if not mask.all() else None), val=lm.val, counts=counts,
