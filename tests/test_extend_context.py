@@ -93,7 +93,7 @@ def test_needle_rows_ask_every_hidden_fact_without_the_probe_wording(base):
         assert len(ids) == len(mask) == 401 and ids[0] == tok.eot_id
         text = tok.decode(ids)
         # the passkey suite's own words never appear: it measures transfer, not a memorised prompt
-        assert not re.search(r"pass key|grass|\bsky\b|\bsun\b|green|blue|yellow", text), text
+        assert not re.search(r"pass key|grass|\bsky\b|\bsun\b|green|blue|yellow|here we go|there and back", text, re.I), text
         asked = re.findall(r"\nWhat is the ([a-z ]+)\? The \1 is (\d{5})\.", text)
         assert 1 <= len(asked) <= 3 and text.endswith(f" {asked[-1][1]}.")
         subjects = [s for s, _ in asked]

@@ -21,8 +21,8 @@ Five sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] r
                  are spelt in word fragments and such a haystack repeats the same fragments
                  hundreds of times: a model that learned to retrieve only by matching whole-word
                  names fails there, and so it failed on the passkey probe (docs/extend-context.md).
-                 The probe's own words (pass key, grass, sky, sun, the colours) are never used, so
-                 the passkey suite measures transfer, not a memorised prompt.
+                 The probe's own words and sentences (pass key, grass, sky, sun, the colours, "Here
+                 we go.") are never used, so the passkey suite measures transfer, not a memorised prompt.
   * copy       — a list of random 5-digit codes, training documents, then the same list again
                  ("Codes: 48213 77120 ... Again: 48213 77120 ..."), the repetition being the only
                  loss target: the densest verbatim-copying signal.
@@ -255,8 +255,8 @@ def copy_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Random,
 # Plain words for needle rows. Subjects ("the brass door code") are two or three of them, so that
 # with a small vocabulary they are spelt in word fragments, as the probe's "pass key" is; the
 # passages are short plain sentences repeated, like the probe's filler. The passkey probe's own
-# content words (pass, key, grass, sky, sun, green, blue, yellow) are left out, so the passkey
-# suite still measures transfer to wording never trained on.
+# words (pass, key, grass, sky, sun, green, blue, yellow) and sentences ("Here we go.", "There and
+# back again.") are left out, so the passkey suite still measures transfer to wording never trained on.
 NEEDLE_NOUNS = ("door", "gate", "box", "safe", "lock", "vault", "room", "case", "bag", "desk", "card", "phone",
                 "locker", "garden", "tower", "river", "bridge", "train", "boat", "lamp", "clock", "radio", "window",
                 "table", "chair", "cart", "bell", "flag", "road", "hill", "lake", "field", "stone", "tree", "bird",
@@ -279,9 +279,9 @@ def needle_subject(rng: random.Random) -> str:
 
 
 def needle_passage(rng: random.Random) -> str:
-    """Three to six short sentences ("The lamp is bright. Here we wait."), repeated as filler."""
+    """Three to six short sentences ("The lamp is bright. The door is old. So it goes."), repeated as filler."""
     sentences = [f"The {rng.choice(NEEDLE_NOUNS)} is {rng.choice(NEEDLE_ADJECTIVES)}." for _ in range(rng.randint(2, 5))]
-    sentences.append(rng.choice(("Here we go.", "There and back.", "So it goes.", "On and on.", "Day after day.")))
+    sentences.append(rng.choice(("So it goes.", "On and on.", "Day after day.", "Now and then.", "All is well.")))
     return " ".join(sentences) + " "
 
 
@@ -323,7 +323,7 @@ def needle_row(docs: list[list[int]], tokenizer, seq_len: int, rng: random.Rando
     ids, mask, at = [tokenizer.eot_id], [not answers_only], 0
     for cut, fact in zip(cuts, facts):
         ids += hay[at:cut] + fact
-        mask += [not answers_only] * (cut - at) + [False] * len(fact)  # a fact's code: nothing predicts it
+        mask += [not answers_only] * (cut - at) + [False] * len(fact)  # never a target: its code is unpredictable
         at = cut
     ids += hay[at:] + qa_ids
     mask += [not answers_only] * (n_hay - at) + qa_mask
