@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
         logit=dict(steps=200, lr=0.05, weight_decay=0.0, tau=100.0),  # K2's tau, where Muon's logits grow
         experts=[8, 16, 32, 64], experts_per_tok=2,  # sparsity 4, 8, 16, 32 at fixed active parameters
         kn=dict(world=50, epoch_scale=10, batch=16, seq=128, sft_steps=60, eval_examples=150, max_new_tokens=12),
-        ext=dict(steps=80, batch=8, seq=512, factor=4.0, trials=6, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
+        ext=dict(steps=500, batch=8, seq=768, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
                  depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
         rl=dict(steps=20, sft_steps=100),
     ),
@@ -778,8 +778,8 @@ class Repro:
         sec.plots.append(save(fig, self.report_dir / "passkey.png"))
         sec.body += [
             f"The experiment-1 MuonClip model (context {orig}) extended {X['factor']:g}x with each RoPE method, trained "
-            f"{X['steps']} steps x {X['batch']} x {X['seq']} tokens on the `k2 extend-context` mix (corpus, long documents, "
-            f"retrieval rows that never use the passkey wording), then the passkey test (YaRN repository protocol): "
+            f"{X['steps']} steps x {X['batch']} x {X['seq']} tokens on the `k2 extend-context` mix (corpus, retrieval, needle "
+            f"and copy rows, none with the passkey wording), then the passkey test (YaRN repository protocol): "
             f"{n} trials per length ({X['trials']} per depth x {len(X['depths'])} depths).",
             "",
             f"Passkey accuracy by prompt length, then held-out loss by position (`passkey` suite, loss by position on "
