@@ -829,6 +829,8 @@ class Repro:
                        ("within noise" if abs(y_b - best_other) <= 2 * math.sqrt(2) * se_b else "not reproduced"))
             if max(y_b, best_other) < 0.05:
                 verdict = "not reproduced: no method retrieves beyond the trained length at this scale"
+                if max((mean(k, lengths) or 0) for k in names) < 0.05:
+                    verdict = "not reproduced: no method learned to retrieve from this parent (0% at every length)"
         sec.summary.append(["YaRN extends the context better than linear interpolation or none (passkey)",
                             "K2: 4K -> 32K -> 128K with YaRN (no passkey figure in the report)",
                             f"beyond the trained length ({', '.join(map(str, beyond))}): YaRN {fmt(y_b and 100 * y_b, '.0f')}%, "
