@@ -208,6 +208,7 @@ def test_bad_requests_are_clean_errors(base, k2):
     assert_clean_error(k2("extend-context", m, *QUICK, "--seq-len", 256, ok=False), "not larger than", "current context (256")
     assert_clean_error(k2("extend-context", m, *QUICK, "--seq-len", 1024, ok=False), "beyond the extended context")
     assert_clean_error(k2("extend-context", base["data"], *QUICK, ok=False), "dataset artifact, expected model")
+    assert_clean_error(k2("extend-context", m, *QUICK, "--set", "data.needles=0", ok=False), "data.needles=0", "at least one fact")
     assert_clean_error(k2("extend-context", m, "--preset", "micro", "--set", "eval.passkey_lengths=[0.05]", ok=False),
                        "cannot be built")
     assert_clean_error(k2("extend-context", m, "--preset", "micro", "--set", "eval.passkey_lengths=[1, 40]", ok=False),

@@ -67,10 +67,13 @@ class LongDataConfig:
             if v < 0:
                 raise K2Error(f"data.mix.{k} must be >= 0, got {v}", "use non-negative fractions")
         if sum(self.mix.values()) <= 0:
-            raise K2Error("data.mix gives every source weight 0", "e.g. data.mix={corpus=0.4, long_docs=0.2, retrieval=0.4}")
+            raise K2Error("data.mix gives every source weight 0", "e.g. data.mix={corpus=0.2, retrieval=0.3, needles=0.3, copy=0.2}")
         if self.facts < 1 or self.queries < 1:
             raise K2Error(f"data.facts={self.facts}, data.queries={self.queries}: a retrieval row needs at least one of each",
                           "e.g. data.facts=4, data.queries=6")
+        if self.needles < 1:
+            raise K2Error(f"data.needles={self.needles}: a needle row hides at least one fact",
+                          "e.g. data.needles=3, or data.mix.needles=0 for no needle rows")
         if self.rows < 0:
             raise K2Error(f"data.rows must be >= 0, got {self.rows}", "0 = train.steps x train.batch_size")
         if not 0 <= self.val_fraction < 1:
@@ -381,14 +384,13 @@ def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, s
             mask.append(r[1])
         parts.append(np.asarray(ids, dtype=np.int32))
         masks.append(np.asarray(mask, dtype=bool))
-    if counts["copy"]:
-        copies = [copy_row(train_docs, tokenizer, seq_len, rng, cfg.answers_only) for _ in range(counts["copy"])]
-        parts.append(np.asarray([r[0] for r in copies], dtype=np.int32))
-        masks.append(np.asarray([r[1] for r in copies], dtype=bool))
-    if counts["needles"]:
-        needles = [needle_row(train_docs, tokenizer, seq_len, rng, cfg.needles, cfg.answers_only) for _ in range(counts["needles"])]
-        parts.append(np.asarray([r[0] for r in needles], dtype=np.int32))
-        masks.append(np.asarray([r[1] for r in needles], dtype=bool))
+    generated = {"copy": lambda: copy_row(train_docs, tokenizer, seq_len, rng, cfg.answers_only),
+                 "needles": lambda: needle_row(train_docs, tokenizer, seq_len, rng, cfg.needles, cfg.answers_only)}
+    for source, make_row in generated.items():  # (ids, mask) rows, in this fixed order so the rng stream is stable
+        if counts[source]:
+            made = [make_row() for _ in range(counts[source])]
+            parts.append(np.asarray([r[0] for r in made], dtype=np.int32))
+            masks.append(np.asarray([r[1] for r in made], dtype=bool))
     tokens = np.concatenate(parts)
     mask = np.concatenate(masks)
     return LongData(train=PackedData(tokens, mask if not mask.all() else None), val=lm.val, counts=counts,
