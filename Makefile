@@ -37,7 +37,7 @@ test: setup
 
 # The pipeline, one stage per line, each skipped when its artifact is up to date with its recipe
 # and inputs (`k2 --reuse`), so rerunning after an interruption continues where it stopped.
-CHAIN_MODELS := pretrain extend-context sft rl
+CHAIN_MODELS := pretrain midtrain extend-context sft rl
 
 demo: setup
 	@$(MAKE) --no-print-directory chain PRESET=tiny
@@ -50,6 +50,7 @@ chain:
 	$(K2) --reuse data synth --recipe stages/$(PRESET)/synth.toml
 	$(K2) --reuse rephrase --recipe stages/$(PRESET)/rephrase.toml
 	$(K2) --reuse pretrain --recipe stages/$(PRESET)/pretrain.toml
+	$(K2) --reuse pretrain --recipe stages/$(PRESET)/midtrain.toml --out midtrain
 	$(K2) --reuse extend-context --recipe stages/$(PRESET)/extend_context.toml
 	$(K2) --reuse agentic --recipe stages/$(PRESET)/agentic.toml
 	$(K2) --reuse sft --recipe stages/$(PRESET)/sft.toml

@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
         logit=dict(steps=200, lr=0.05, weight_decay=0.0, tau=100.0),  # K2's tau, where Muon's logits grow
         experts=[8, 16, 32, 64], experts_per_tok=2,  # sparsity 4, 8, 16, 32 at fixed active parameters
         kn=dict(world=50, epoch_scale=10, batch=16, seq=128, sft_steps=60, eval_examples=150, max_new_tokens=12),
-        ext=dict(steps=500, batch=8, seq=768, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
+        ext=dict(steps=100, batch=8, seq=512, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
                  depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
         rl=dict(steps=20, sft_steps=100),
     ),
@@ -194,6 +194,14 @@ def manifest(root: Path, name: str) -> dict:
 
 def metrics(root: Path, name: str) -> dict:
     return manifest(root, name).get("metrics", {})
+
+
+def recipe_value(root: Path, name: str, dotted: str):
+    """A value of the resolved recipe an artifact was made with, e.g. 'extend.beta_fast'."""
+    d = manifest(root, name).get("recipe", {})
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def history(root: Path, name: str) -> list[dict]:
@@ -741,7 +749,11 @@ class Repro:
     def exp_context(self, sec: Section):
         P, X, root = self.P, self.P["ext"], self.root
         self.base_data()
-        parent = self.pretrain(f"opt-muonclip-s{P['seeds'][0]}", "optim.name=muonclip", seed=P["seeds"][0])
+        base = self.pretrain(f"opt-muonclip-s{P['seeds'][0]}", "optim.name=muonclip", seed=P["seeds"][0])
+        # mid-training first, as `make demo` does: the model learns to look things up within its own context
+        parent = "ext-midtrain"
+        self.k2("pretrain", "--recipe", self.recipe("midtrain"), "--set", f"init={base}:latest",
+                "--set", "data.input=data-rephrase:latest", "--out", parent)
         names = {}
         for method in ("none", "linear", "yarn"):
             args = ["extend-context", f"{parent}:latest", "--recipe", self.recipe("extend_context")]
@@ -756,7 +768,7 @@ class Repro:
         m = {k: metrics(root, n) for k, n in names.items()}
         orig = m["yarn"]["original_context"]
         lengths = sorted({int(k.rsplit("_", 1)[1]) for k in m["yarn"] if k.startswith("passkey_accuracy_") and k.rsplit("_", 1)[1].isdigit()})
-        curves = {"no extension (parent)": [m["yarn"].get(f"parent_passkey_accuracy_{L}") for L in lengths]}
+        curves = {"mid-trained parent, no extension": [m["yarn"].get(f"parent_passkey_accuracy_{L}") for L in lengths]}
         label = {"none": "none (positions raised, no scaling)", "linear": "linear interpolation", "yarn": "YaRN"}
         for k in names:
             curves[label[k]] = [m[k].get(f"passkey_accuracy_{L}") for L in lengths]
@@ -777,7 +789,10 @@ class Repro:
         ax.legend(fontsize=7)
         sec.plots.append(save(fig, self.report_dir / "passkey.png"))
         sec.body += [
-            f"The experiment-1 MuonClip model (context {orig}) extended {X['factor']:g}x with each RoPE method, trained "
+            f"The experiment-1 MuonClip model (context {orig}), mid-trained at its own length on lookup rows "
+            f"(`{self.recipe('midtrain')}`: {metrics(root, parent).get('steps')} steps; the \"mid-trained parent\" row), then "
+            f"extended {X['factor']:g}x with each RoPE method (YaRN with the recipe's beta_fast "
+            f"{recipe_value(root, names['yarn'], 'extend.beta_fast')}, beta_slow {recipe_value(root, names['yarn'], 'extend.beta_slow')}), trained "
             f"{X['steps']} steps x {X['batch']} x {X['seq']} tokens on the `k2 extend-context` mix (corpus, retrieval, needle "
             f"and copy rows, none with the passkey wording), then the passkey test (YaRN repository protocol): "
             f"{n} trials per length ({X['trials']} per depth x {len(X['depths'])} depths).",

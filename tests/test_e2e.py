@@ -1,7 +1,7 @@
 """The whole pipeline, end to end, at micro size: the Makefile's own `chain` target.
 
-This runs exactly what `make demo` runs (data synth -> rephrase -> pretrain -> extend-context ->
-agentic -> sft -> rl -> eval -> report), only with PRESET=micro, into a temporary artifacts
+This runs exactly what `make demo` runs (data synth -> rephrase -> pretrain -> midtrain (pretrain
+continued on lookup rows) -> extend-context -> agentic -> sft -> rl -> eval -> report), only with PRESET=micro, into a temporary artifacts
 root. Then it checks every artifact, the lineage the report was built from, and that a rerun
 is make-style: every stage is up to date and nothing is rebuilt.
 """
@@ -20,16 +20,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 K2 = Path(sys.executable).with_name("k2")  # the k2 of the environment running the tests
 
-STAGES = [  # stage directory -> artifact kind, in pipeline order
-    ("synth", "dataset"),
-    ("rephrase", "dataset"),
-    ("pretrain", "model"),
-    ("extend-context", "model"),
-    ("agentic", "dataset"),
-    ("sft", "model"),
-    ("rl", "model"),
-    ("eval", "eval"),
-    ("report", "report"),
+STAGES = [  # artifact directory -> (artifact kind, the stage that made it), in pipeline order
+    ("synth", "dataset", "synth"),
+    ("rephrase", "dataset", "rephrase"),
+    ("pretrain", "model", "pretrain"),
+    ("midtrain", "model", "pretrain"),  # `k2 pretrain --recipe stages/micro/midtrain.toml --out midtrain`
+    ("extend-context", "model", "extend-context"),
+    ("agentic", "dataset", "agentic"),
+    ("sft", "model", "sft"),
+    ("rl", "model", "rl"),
+    ("eval", "eval", "eval"),
+    ("report", "report", "report"),
 ]
 
 
@@ -48,21 +49,21 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     # Every stage wrote exactly one complete, verified artifact of the right kind.
-    for stage, kind in STAGES:
-        versions = sorted((root / stage).glob("v*"))
-        assert [v.name for v in versions] == ["v1"], f"{stage}: {versions}"
+    for name, kind, stage in STAGES:
+        versions = sorted((root / name).glob("v*"))
+        assert [v.name for v in versions] == ["v1"], f"{name}: {versions}"
         manifest = json.loads((versions[0] / "manifest.json").read_text())
         assert manifest["kind"] == kind and manifest["stage"] == stage
         for name in manifest["files"]:
             assert (versions[0] / name).exists(), f"{stage} lost {name}"
-    for stage in ("pretrain", "extend-context", "sft", "rl"):
+    for stage in ("pretrain", "midtrain", "extend-context", "sft", "rl"):
         model_dir = root / stage / "v1"
         assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
         assert (model_dir / "metrics.jsonl").exists(), f"{stage} wrote no metrics.jsonl"
 
-    # The eval compares the four models of the chain side by side.
+    # The eval compares the five models of the chain side by side.
     results = json.loads((root / "eval" / "v1" / "results.json").read_text())
-    assert [m["label"] for m in results["models"]] == ["pretrain", "extend-context", "sft", "rl"]
+    assert [m["label"] for m in results["models"]] == ["pretrain", "midtrain", "extend-context", "sft", "rl"]
     for m in results["models"]:
         ppl = m["suites"]["perplexity"]["metrics"]
         assert ppl["loss"] > 0 and ppl["bits_per_byte"] > 0
@@ -70,8 +71,8 @@ def test_micro_pipeline_end_to_end(tmp_path):
     # The report walks the lineage back to the raw data: every stage has a section, every image exists.
     report_dir = root / "report" / "v1"
     report = (report_dir / "REPORT.md").read_text()
-    for stage, _ in STAGES[:-1]:
-        assert f"## {stage} " in report, f"report has no {stage} section"
+    for name, _, stage in STAGES[:-1]:
+        assert f"## {stage} — `{name}/v1`" in report, f"report has no {name} section"
     assert "Missing from disk" not in report
     images = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images, "the report shows no plots"
@@ -83,5 +84,5 @@ def test_micro_pipeline_end_to_end(tmp_path):
     again = run_chain(root)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date:") == len(STAGES), again.stderr[-3000:]
-    for stage, _ in STAGES:
-        assert [v.name for v in (root / stage).glob("v*")] == ["v1"]
+    for name, _, _ in STAGES:
+        assert [v.name for v in (root / name).glob("v*")] == ["v1"]

@@ -131,6 +131,39 @@ def test_copy_rows_repeat_random_codes_and_train_only_the_repetition(base):
     assert re.fullmatch(r"Codes:( \d{5})+\.", hidden), hidden  # without answers_only only the first list is hidden
 
 
+def test_pretrain_can_mix_retrieval_rows_into_its_corpus(base, k2):
+    """data.mix in pretrain: needle and retrieval rows at the pre-training length (the tiny recipe's way of
+    giving the parent something to extend); the default stays the corpus alone."""
+    mix = ("--set", "data.mix={corpus=0.5, needles=0.25, retrieval=0.25}")
+    k2("pretrain", base["data"], "--preset", "micro", "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "train.seq_len=256", *mix,
+       "--out", "pt-mix")
+    art = open_artifact("pt-mix:latest", kind="model")
+    m = art.metrics
+    assert (m["rows_corpus"], m["rows_needles"], m["rows_retrieval"], m["rows_copy"]) == (8, 4, 4, 0)  # of 2 x 8 rows
+    assert "needles 4" in art.file("summary.md").read_text()
+    assert m["final_val_loss"] > 0  # validation stays the corpus's held-out rows
+    assert not any(k.startswith("rows_") for k in open_artifact(base["model"]).metrics)  # corpus only by default
+    assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--set", "data.mix={corpus=1, passkeys=1}",
+                          ok=False), "unknown long-context source 'passkeys'")
+
+
+def test_pretrain_init_continues_a_model_with_its_tokenizer_and_shape(base, k2):
+    """--init (the midtrain step): the parent's weights, config and tokenizer, the parent in the lineage."""
+    k2("pretrain", base["data"], "--preset", "micro", "--init", base["model"], "--set", "train.steps=1",
+       "--set", "optim.lr=1e-12", "--set", "schedule.warmup_steps=0", "--set", "train.bias_update_rate=0", "--out", "cont")
+    art, parent = open_artifact("cont:latest", kind="model"), open_artifact(base["model"])
+    assert art.file("model.json").read_text() == parent.file("model.json").read_text()
+    assert art.file("tokenizer.json").read_bytes() == parent.file("tokenizer.json").read_bytes()
+    after, before = load_file(art.file("model.safetensors")), load_file(parent.file("model.safetensors"))
+    assert after.keys() == before.keys() and all(torch.allclose(after[k], before[k], atol=1e-6) for k in after)
+    assert {"model": "pretrain/v1", "dataset": "synth/v1"} == {i["kind"]: i["id"] for i in art.manifest["inputs"]}
+    assert "continued from" in art.file("summary.md").read_text()
+    assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--init", base["data"], ok=False),
+                       "dataset artifact, expected model")
+    assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--init", base["model"], "--set",
+                          f"tokenizer.ref={base['model']}", ok=False), "drop tokenizer.ref")
+
+
 def test_yarn_extension_outputs_lineage_and_hf_export_beyond_the_original_context(base, k2, tmp_path):
     k2("extend-context", base["model"], "--preset", "micro", "--factor", 2, "--seq-len", 384)
     art = open_artifact("extend-context:latest", kind="model")

@@ -80,6 +80,17 @@ class LongDataConfig:
             raise K2Error(f"data.val_fraction={self.val_fraction} must be in [0, 1)", "e.g. 0.05")
 
 
+def find_world(cfg: LongDataConfig, data_art):
+    """The synthetic world for long documents and fact subjects: data.world, else the corpus's own, else None."""
+    from k2cli.data.world import WORLD_FILE, load_world
+
+    if cfg.world:
+        return load_world(cfg.world)
+    if data_art is not None and data_art.has(WORLD_FILE):
+        return load_world(data_art.path)
+    return None
+
+
 def source_counts(mix: dict[str, float], rows: int) -> dict[str, int]:
     """Rows per source: fractions normalised, rounded, the remainder given to the largest."""
     total = sum(mix.get(s, 0.0) for s in SOURCES)

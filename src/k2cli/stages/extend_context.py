@@ -30,7 +30,7 @@ import rich_click as click
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
 from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents, split_token_documents
-from k2cli.data.long_context import LongDataConfig, build_long_context_data
+from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.eval.suite import EvalConfig, EvalContext, get_suite
@@ -113,19 +113,6 @@ def extended_config(cfg: ModelConfig, ext: ExtendConfig, seq_len: int) -> tuple[
         scaling = None
     new = dataclasses.replace(cfg, max_position_embeddings=new_max, rope_scaling=scaling).validate()
     return new, orig
-
-
-# ----------------------------------------------------------------------------- data from the lineage
-
-
-def find_world(cfg: LongDataConfig, data_art):
-    from k2cli.data.world import WORLD_FILE, load_world
-
-    if cfg.world:
-        return load_world(cfg.world)
-    if data_art is not None and data_art.has(WORLD_FILE):
-        return load_world(data_art.path)
-    return None
 
 
 # ----------------------------------------------------------------------------- evaluation before/after

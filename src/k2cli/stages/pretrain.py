@@ -1,8 +1,12 @@
-"""`k2 pretrain`: train a tokenizer and an MLA+MoE model from scratch with MuonClip.
+"""`k2 pretrain`: train a tokenizer and an MLA+MoE model from scratch with MuonClip (or continue one: --init).
 
     corpus (dataset artifact or files)
-      -> byte-level BPE tokenizer with K2's special tokens (or reuse one: tokenizer.ref)
+      -> byte-level BPE tokenizer with K2's special tokens (or reuse one: tokenizer.ref; with
+         --init MODEL, that model's tokenizer, shape and weights: continued pre-training, the
+         tiny recipe's "midtrain" step)
       -> tokenise (cached), hold out validation documents, shuffle documents, pack rows
+      -> optionally mix in retrieval-style rows (data.mix: needles, retrieval, copy; data/long_context.py)
+         so the model learns to look things up within its context before any extension
       -> the shared training loop (MuonClip, warmup-stable-decay, MoE balancing)
       -> a model artifact: weights, config, tokenizer, metrics.jsonl, plots, summary.md
 """
@@ -19,10 +23,12 @@ import rich_click as click
 from k2cli.artifacts import open_artifact
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
-from k2cli.data.lm_data import DataConfig, build_lm_data, load_documents, training_texts
+from k2cli.data.lm_data import build_lm_data, load_documents, split_token_documents, training_texts
+from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
 from k2cli.data.tokenizer import load_tokenizer, train_tokenizer
 from k2cli.errors import K2Error
 from k2cli.model.config import ModelConfig, human
+from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
@@ -42,9 +48,23 @@ class TokenizerConfig:
 
 
 @dataclass
+class PretrainDataConfig(LongDataConfig):
+    """The corpus, and what else goes into the training rows. The default is the corpus alone; a mix
+    such as {corpus = 0.7, needles = 0.1, retrieval = 0.1, copy = 0.1} adds rows that teach lookup
+    within the pre-training length (the sources are the same as extend-context's)."""
+
+    input: str = "rephrase:latest"  # a dataset artifact, a save_to_disk directory, or .txt/.jsonl/.parquet files
+    mix: dict[str, float] = field(default_factory=lambda: {"corpus": 1.0})
+
+    def corpus_only(self) -> bool:
+        return all(v == 0 for k, v in self.mix.items() if k != "corpus")
+
+
+@dataclass
 class PretrainRecipe:
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
+    init: str = ""  # continue this model artifact (its tokenizer, shape and weights) instead of starting from scratch
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -69,22 +89,33 @@ def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
 def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
     t0 = time.time()
     resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
+    recipe.data.validate()
     recipe.train.validate()
     recipe.optim.validate()
     # 1. data
     ds, data_art, fingerprint = load_documents(recipe.data)
-    run_dir = run_dir_for("pretrain", to_dict(recipe), [fingerprint])
+    init, init_art = load_model(recipe.init, verify=True) if recipe.init else (None, None)
+    run_dir = run_dir_for("pretrain", to_dict(recipe), [fingerprint] + ([init_art.manifest["uid"]] if init_art else []))
     if resume == "no" and run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)
-    # 2. tokenizer
-    tokenizer, tok_art = get_tokenizer(
-        recipe.tokenizer, lambda: training_texts(ds, recipe.data.val_fraction, recipe.seed), run_dir / "tokenizer"
-    )
-    # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
-    cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
-                              pad_token_id=tokenizer.eot_id).validate()
+    # 2. tokenizer (and, continuing a model, that model: its tokenizer and config win over the recipe's)
+    if init_art is not None:
+        if recipe.tokenizer.ref:
+            raise K2Error(f"both init={recipe.init} and tokenizer.ref={recipe.tokenizer.ref}",
+                          "drop tokenizer.ref: a continued model keeps its own tokenizer")
+        if not init_art.has("tokenizer.json"):
+            raise K2Error(f"model {init_art.id} has no tokenizer", "continue a model made by k2 pretrain")
+        tokenizer, tok_art = load_tokenizer(init_art.path), init_art
+        cfg = init.config
+    else:
+        tokenizer, tok_art = get_tokenizer(
+            recipe.tokenizer, lambda: training_texts(ds, recipe.data.val_fraction, recipe.seed), run_dir / "tokenizer"
+        )
+        # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
+        cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
+                                  pad_token_id=tokenizer.eot_id).validate()
     if recipe.train.seq_len > cfg.max_position_embeddings:
         raise K2Error(
             f"train.seq_len={recipe.train.seq_len} is above the model's {cfg.max_position_embeddings} positions",
@@ -97,12 +128,23 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
             f"of {recipe.train.seq_len} tokens",
             "lower train.batch_size or train.seq_len, or add text",
         )
-    inputs = [a for a in (data_art, tok_art) if a is not None]
+    # 4. the training rows: the packed corpus, or the recipe's mix of corpus and retrieval-style rows
+    train_rows, mix_txt, counts = data.train, "", {}
+    if not recipe.data.corpus_only():
+        train_docs = split_token_documents(ds, fingerprint, tokenizer, recipe.data.val_fraction, recipe.seed)[0]
+        n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
+        mixed = build_long_context_data(data, train_docs, tokenizer, find_world(recipe.data, data_art),
+                                        recipe.train.seq_len, recipe.data, n_rows, recipe.seed)
+        train_rows, counts = mixed.train, mixed.counts
+        mix_txt = "; mix: " + ", ".join(f"{k} {v}" for k, v in mixed.counts.items() if v) + " rows"
+    inputs = [a for a in (data_art, tok_art) if a is not None]  # with --init, tok_art is the continued model
     with dist.artifact_writer(stage="pretrain", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
         info(f"pretrain: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens, "
-             f"{len(data.train)} rows x {recipe.train.seq_len}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
+             f"{len(data.train)} rows x {recipe.train.seq_len}{mix_txt}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
         model = build_model(cfg, seed=recipe.seed)
-        task = LMTask(data.train, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches)
+        if init is not None:
+            model.load_state_dict(init.state_dict())
+        task = LMTask(train_rows, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches)
         result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe),
                        title="pretrain", resume=resume)
         history = result.history
@@ -119,12 +161,14 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
             "params_total": cfg.param_counts()["total"],
             "params_active": cfg.param_counts()["active"],
             "vocab_size": tokenizer.vocab_size,
+            **{f"rows_{k}": v for k, v in counts.items()},
             "wall_s": round(time.time() - t0, 1),
         }
         summary = [
-            f"- model: {cfg.name}, {human(cfg.param_counts()['total'])} parameters ({human(cfg.param_counts()['active'])} active)",
+            f"- model: {cfg.name}, {human(cfg.param_counts()['total'])} parameters ({human(cfg.param_counts()['active'])} active)"
+            + (f", continued from {init_art.id}" if init_art is not None else ""),
             f"- data: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens; "
-            f"{recipe.train.steps} steps x {recipe.train.batch_size} x {recipe.train.seq_len} tokens",
+            f"{recipe.train.steps} steps x {recipe.train.batch_size} x {recipe.train.seq_len} tokens{mix_txt}",
             f"- optimizer: {recipe.optim.name}, lr {recipe.optim.lr:g}"
             + (f", QK-Clip tau {recipe.optim.qk_clip_tau:g}" if recipe.optim.name == "muonclip" else ""),
             f"- final validation loss **{val:.4f}** nats/token vs unigram entropy {data.unigram_entropy:.4f}"
@@ -147,9 +191,10 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
 @click.argument("corpus", required=False)
 @recipe_options("pretrain", PretrainRecipe)
 @out_options
+@click.option("--init", "init", default=None, help="Continue this model artifact's weights (recipe key `init`).")
 @click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
 @click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def pretrain_cmd(corpus, recipe, recipe_source, out, force, resume_flag, restart):
+def pretrain_cmd(corpus, recipe, recipe_source, out, force, init, resume_flag, restart):
     """Pre-train a model with MuonClip on a corpus (default: the recipe's data.input).
 
     The same command on the same inputs continues from its last checkpoint; Ctrl-C saves
@@ -157,6 +202,8 @@ def pretrain_cmd(corpus, recipe, recipe_source, out, force, resume_flag, restart
     """
     if corpus:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, input=corpus))
+    if init:
+        recipe = dataclasses.replace(recipe, init=init)
     run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
 
 

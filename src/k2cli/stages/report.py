@@ -21,8 +21,8 @@ PIPELINE_ORDER = ["import", "model", "synth", "rephrase", "tokenizer", "pretrain
 RECIPE_HIGHLIGHTS = {
     "synth": ["size", "seed"],
     "rephrase": ["rewrites", "backend"],
-    "pretrain": ["model.name", "optim.name", "optim.lr", "optim.qk_clip_tau", "train.steps", "train.batch_size", "train.seq_len"],
-    "extend-context": ["extend.method", "extend.factor", "extend.seq_len", "train.steps"],
+    "pretrain": ["init", "data.mix", "model.name", "optim.name", "optim.lr", "optim.qk_clip_tau", "train.steps", "train.batch_size", "train.seq_len"],
+    "extend-context": ["extend.method", "extend.factor", "extend.beta_fast", "extend.beta_slow", "train.seq_len", "train.steps"],
     "sft": ["optim.name", "optim.lr", "train.steps", "data.mix"],
     "rl": ["rl.objective", "rl.samples_per_prompt", "train.steps", "optim.lr"],
 }
@@ -64,13 +64,14 @@ def stage_section(art, images: Path) -> list[str]:
     if scalars and art.kind != "eval":
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in scalars[:24]]
         lines.append("")
+    slug = art.id.replace("/", "-")  # e.g. midtrain-v1: unique even where two artifacts share a stage
     for png in sorted(art.path.glob("*.png")):
-        name = f"{art.stage}-{art.path.name}-{png.name}"
+        name = f"{slug}-{png.name}"
         shutil.copy2(png, images / name)
         lines.append(f"![{art.stage} {png.stem}](images/{name})")
     if art.kind == "eval" and art.has("report.md"):
         body = art.file("report.md").read_text().split("\n", 1)[1]  # drop its title
-        body = body.replace("](", f"](images/{art.stage}-{art.path.name}-")  # its images were copied above
+        body = body.replace("](", f"](images/{slug}-")  # its images were copied above
         lines += ["", body]
     return lines + [""]
 
