@@ -160,6 +160,8 @@ def test_pretrain_init_continues_a_model_with_its_tokenizer_and_shape(base, k2):
     assert "continued from" in art.file("summary.md").read_text()
     assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--init", base["data"], ok=False),
                        "dataset artifact, expected model")
+    assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--init", base["model"], "--set", "seed=3", ok=False),
+                       "would train on its held-out documents", "set seed=0 and data.val_fraction=0.1")
     assert_clean_error(k2("pretrain", base["data"], "--preset", "micro", "--init", base["model"], "--set",
                           f"tokenizer.ref={base['model']}", ok=False), "drop tokenizer.ref")
 

@@ -12,8 +12,9 @@
 
 Kimi K2 pre-trained at 4K, then extended to 32K with YaRN (beta_fast = beta_slow = 1); DeepSeek-V3
 uses beta_fast 32, beta_slow 1. Training at a length between the original and the new maximum
-(tiny: 256 -> train at 768, factor 4) and evaluating up to the maximum shows what YaRN buys: held-out
-loss stays flat past the training length, where plain RoPE's climbs (docs/extend-context.md).
+(tiny: a parent that already retrieves within 256 tokens, trained at 512, factor 4) and evaluating up
+to the maximum shows what YaRN buys: retrieval and held-out loss hold to 4x, twice the trained length,
+where plain RoPE's fall apart past the trained length (docs/extend-context.md).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import rich_click as click
 from k2cli.artifacts import open_artifact
 from k2cli.commands.common import out_options, recipe_options
 from k2cli.console import info
-from k2cli.data.lm_data import build_lm_data, load_documents, split_token_documents, training_texts
+from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents, split_token_documents, training_texts
 from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
 from k2cli.data.tokenizer import load_tokenizer, train_tokenizer
 from k2cli.errors import K2Error
@@ -86,6 +86,21 @@ def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
     return tok, None
 
 
+def check_same_split(init_art, data_art, recipe: PretrainRecipe):
+    """Continuing a model on the corpus it was pre-trained on must keep its held-out documents held out:
+    the split is a function of (seed, data.val_fraction), so both must match the parent's."""
+    if data_art is None:
+        return
+    try:
+        ref, seed, val_fraction, _ = lineage_corpus(init_art)
+    except K2Error:
+        return  # no corpus in its lineage (e.g. an imported model): nothing to keep apart
+    if Path(ref).resolve() == Path(data_art.path).resolve() and (seed, val_fraction) != (recipe.seed, recipe.data.val_fraction):
+        raise K2Error(f"{init_art.id} was pre-trained on this corpus split by seed {seed} and val_fraction {val_fraction:g}; "
+                      f"seed={recipe.seed}, data.val_fraction={recipe.data.val_fraction:g} would train on its held-out documents",
+                      f"set seed={seed} and data.val_fraction={val_fraction:g}")
+
+
 def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
     t0 = time.time()
     resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
@@ -109,6 +124,7 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
             raise K2Error(f"model {init_art.id} has no tokenizer", "continue a model made by k2 pretrain")
         tokenizer, tok_art = load_tokenizer(init_art.path), init_art
         cfg = init.config
+        check_same_split(init_art, data_art, recipe)
     else:
         tokenizer, tok_art = get_tokenizer(
             recipe.tokenizer, lambda: training_texts(ds, recipe.data.val_fraction, recipe.seed), run_dir / "tokenizer"
