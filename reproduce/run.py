@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
         logit=dict(steps=12, lr=0.05, weight_decay=0.0, tau=5.0),
         experts=[4, 8], experts_per_tok=2,
         kn=dict(world=20, epoch_scale=1, batch=4, seq=128, sft_steps=4, eval_examples=8, max_new_tokens=8),
-        ext=dict(steps=2, batch=2, seq=384, factor=2.0, trials=1, lengths=[1.0, 2.0], depths=[0.5]),
+        ext=dict(parent_batch=4, steps=2, batch=2, seq=384, factor=2.0, trials=1, lengths=[1.0, 2.0], depths=[0.5]),
         rl=dict(steps=2, sft_steps=4),
     ),
     "cpu": dict(
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
         logit=dict(steps=200, lr=0.05, weight_decay=0.0, tau=100.0),  # K2's tau, where Muon's logits grow
         experts=[8, 16, 32, 64], experts_per_tok=2,  # sparsity 4, 8, 16, 32 at fixed active parameters
         kn=dict(world=50, epoch_scale=10, batch=16, seq=128, sft_steps=60, eval_examples=150, max_new_tokens=12),
-        ext=dict(steps=100, batch=8, seq=512, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
+        ext=dict(parent_batch=16, steps=100, batch=8, seq=512, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
                  depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
         rl=dict(steps=20, sft_steps=100),
     ),
@@ -81,7 +81,7 @@ PRESETS: dict[str, dict] = {
         logit=dict(steps=500, lr=0.03, weight_decay=0.0, tau=100.0),
         experts=[8, 16, 32, 64, 128], experts_per_tok=4,  # sparsity 2 ... 32 (48 = 192/4 is affordable too)
         kn=dict(world=1000, epoch_scale=10, batch=64, seq=256, sft_steps=300, eval_examples=1000, max_new_tokens=16),
-        ext=dict(steps=300, batch=16, seq=2048, factor=4.0, trials=20, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
+        ext=dict(parent_batch=32, steps=300, batch=16, seq=2048, factor=4.0, trials=20, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
                  depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
         rl=dict(steps=100, sft_steps=500),
     ),
@@ -749,13 +749,15 @@ class Repro:
     def exp_context(self, sec: Section):
         P, X, root = self.P, self.P["ext"], self.root
         self.base_data()
-        base = self.pretrain(f"opt-muonclip-s{P['seeds'][0]}", "optim.name=muonclip", seed=P["seeds"][0])
-        # mid-training first, as `make demo` does: the model learns to look things up within its own context
-        parent = "ext-midtrain"
-        self.k2("pretrain", "--recipe", self.recipe("midtrain"), "--set", f"init={base}:latest",
-                "--set", "data.input=data-rephrase:latest", "--out", parent)
-        names = {}
-        for method in ("none", "linear", "yarn"):
+        seed = P["seeds"][0]
+
+        def midtrain(base: str, out: str) -> str:
+            """Mid-training, as `make demo` does: the model learns to look things up within its own context."""
+            self.k2("pretrain", "--recipe", self.recipe("midtrain"), "--set", f"init={base}:latest",
+                    "--set", "data.input=data-rephrase:latest", "--out", out)
+            return out
+
+        def extend(parent: str, method: str, out: str) -> str:
             args = ["extend-context", f"{parent}:latest", "--recipe", self.recipe("extend_context")]
             for s in (f"extend.method={method}", f"extend.factor={X['factor']}", f"train.steps={X['steps']}",
                       f"train.batch_size={X['batch']}", f"train.seq_len={X['seq']}", f"train.eval_every={X['steps']}",
@@ -763,8 +765,17 @@ class Repro:
                       f"eval.passkey_depths={json.dumps(X['depths'])}", f"eval_parent={'true' if method == 'yarn' else 'false'}",
                       f"schedule.warmup_steps={max(1, X['steps'] // 10)}"):
                 args += ["--set", s]
-            self.k2(*args, "--out", f"ext-{method}")
-            names[method] = f"ext-{method}"
+            self.k2(*args, "--out", out)
+            return out
+
+        # the parent: MuonClip pre-trained with the recipe's own batch (the demo's; experiment 1 uses P["batch"])
+        exp1 = self.pretrain(f"opt-muonclip-s{seed}", "optim.name=muonclip", seed=seed)
+        base = exp1 if X["parent_batch"] == P["batch"] else self.pretrain(
+            f"ext-pretrain-b{X['parent_batch']}", "optim.name=muonclip", f"train.batch_size={X['parent_batch']}", seed=seed)
+        parent = midtrain(base, "ext-midtrain")
+        names = {method: extend(parent, method, f"ext-{method}") for method in ("none", "linear", "yarn")}
+        # and experiment 1's model (fewer pre-training tokens) through the same mid-training and YaRN extension
+        weak = extend(midtrain(exp1, "ext-midtrain-exp1"), "yarn", "ext-yarn-exp1") if base != exp1 else None
         m = {k: metrics(root, n) for k, n in names.items()}
         orig = m["yarn"]["original_context"]
         lengths = sorted({int(k.rsplit("_", 1)[1]) for k in m["yarn"] if k.startswith("passkey_accuracy_") and k.rsplit("_", 1)[1].isdigit()})
@@ -789,7 +800,10 @@ class Repro:
         ax.legend(fontsize=7)
         sec.plots.append(save(fig, self.report_dir / "passkey.png"))
         sec.body += [
-            f"The experiment-1 MuonClip model (context {orig}), mid-trained at its own length on lookup rows "
+            (f"Experiment 1's MuonClip model (context {orig}; {P['steps']} x {P['batch']} x {P['seq']} tokens)" if base == exp1 else
+             f"A MuonClip model (context {orig}) pre-trained like experiment 1's but with {X['parent_batch']} rows per step "
+             f"({P['steps']} x {X['parent_batch']} x {P['seq']} tokens, the `{P['base']}` recipe's own batch; experiment 1 "
+             f"uses {P['batch']})") + ", mid-trained at its own length on lookup rows "
             f"(`{self.recipe('midtrain')}`: {metrics(root, parent).get('steps')} steps; the \"mid-trained parent\" row), then "
             f"extended {X['factor']:g}x with each RoPE method (YaRN with the recipe's beta_fast "
             f"{recipe_value(root, names['yarn'], 'extend.beta_fast')}, beta_slow {recipe_value(root, names['yarn'], 'extend.beta_slow')}), trained "
@@ -815,6 +829,12 @@ class Repro:
             vl = fmt(m[k].get("final_val_loss"), ".3f") if k else "-"
             sec.body.append(f"| {lab} | " + " | ".join(fmt(y and 100 * y, '.0f') + "%" if y is not None else "-" for y in ys)
                             + f" | {vl} | " + " | ".join(fmt(pos_loss(lab, w), ".3f") for w in ("within", "beyond", "last_bin")) + " |")
+        if weak:
+            w = metrics(root, weak)
+            acc = lambda pre: ", ".join(f"{L}: {fmt(w.get(f'{pre}passkey_accuracy_{L}') and 100 * w[f'{pre}passkey_accuracy_{L}'], '.0f')}%"
+                                        for L in lengths)
+            sec.body += ["", f"Experiment 1's MuonClip model ({P['steps']} x {P['batch']} x {P['seq']} tokens), "
+                         f"through the same mid-training and YaRN extension: mid-trained {acc('parent_')}; extended {acc('')}."]
         sec.body += ["", f"2 s.e. of one cell is up to {200 * binom_se(0.5, n):.0f} points at {n} trials. Losses are one "
                      f"run per method (no seed spread measured here; experiment 1's seed-to-seed spread of the validation "
                      f"loss is the nearest noise estimate).", "",
