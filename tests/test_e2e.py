@@ -76,6 +76,8 @@ def test_micro_pipeline_end_to_end(tmp_path):
     assert "Missing from disk" not in report
     images = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert images, "the report shows no plots"
+    staged = [i for i in images if not i.startswith("images/eval-")]  # the eval section shows its plots twice, on purpose
+    assert len(staged) == len(set(staged)), "two sections share an image file (pretrain and midtrain are both v1)"
     for img in images:
         assert (report_dir / img).exists(), f"report links a missing image {img}"
     assert f"report: {report_dir}/REPORT.md" in first.stdout

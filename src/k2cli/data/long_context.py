@@ -1,6 +1,7 @@
-"""Training rows for context extension: the corpus at the new length, long documents, retrieval, needles, copying.
+"""Training rows for context extension and mid-training: the corpus, long documents, retrieval, needles, copying.
 
-Five sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows:
+Five sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows (k2 extend-context at
+the new length; k2 pretrain with a data.mix, e.g. the tiny chain's mid-training at the original length):
 
   * corpus     — the pre-training corpus packed at the NEW sequence length (same held-out split
                  as the pretrain run, so evaluation stays on unseen documents);
