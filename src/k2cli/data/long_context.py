@@ -3,8 +3,8 @@
 Five sources, mixed by the recipe's fractions into one set of [N, seq_len + 1] rows (k2 extend-context at
 the new length; k2 pretrain with a data.mix, e.g. the tiny chain's mid-training at the original length):
 
-  * corpus     — the pre-training corpus packed at the NEW sequence length (same held-out split
-                 as the pretrain run, so evaluation stays on unseen documents);
+  * corpus     — the pre-training corpus packed at the training sequence length (same held-out
+                 split as the pretrain run, so evaluation stays on unseen documents);
   * long_docs  — one long document per row: registers of the synthetic world's people (or,
                  without a world, of corpus documents), each entry with a random badge number,
                  each register closed by an index repeating names and badges in order — verbatim
