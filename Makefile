@@ -47,15 +47,15 @@ pipeline: setup
 
 # `chain` assumes the environment is set up (the e2e test calls it with PRESET=micro).
 chain:
-	$(K2) --reuse data synth --recipe stages/$(PRESET)/synth.toml
-	$(K2) --reuse rephrase --recipe stages/$(PRESET)/rephrase.toml
-	$(K2) --reuse pretrain --recipe stages/$(PRESET)/pretrain.toml
-	$(K2) --reuse pretrain --recipe stages/$(PRESET)/midtrain.toml --out midtrain
-	$(K2) --reuse extend-context --recipe stages/$(PRESET)/extend_context.toml
-	$(K2) --reuse agentic --recipe stages/$(PRESET)/agentic.toml
-	$(K2) --reuse sft --recipe stages/$(PRESET)/sft.toml
-	$(K2) --reuse rl --recipe stages/$(PRESET)/rl.toml
-	$(K2) --reuse eval $(foreach m,$(CHAIN_MODELS),$(m):latest --label $(m)) --recipe stages/$(PRESET)/eval.toml
+	$(K2) --reuse data synth --recipe recipes/$(PRESET)/synth.toml
+	$(K2) --reuse rephrase --recipe recipes/$(PRESET)/rephrase.toml
+	$(K2) --reuse pretrain --recipe recipes/$(PRESET)/pretrain.toml
+	$(K2) --reuse pretrain --recipe recipes/$(PRESET)/midtrain.toml --out midtrain
+	$(K2) --reuse extend-context --recipe recipes/$(PRESET)/extend_context.toml
+	$(K2) --reuse agentic --recipe recipes/$(PRESET)/agentic.toml
+	$(K2) --reuse sft --recipe recipes/$(PRESET)/sft.toml
+	$(K2) --reuse rl --recipe recipes/$(PRESET)/rl.toml
+	$(K2) --reuse eval $(foreach m,$(CHAIN_MODELS),$(m):latest --label $(m)) --recipe recipes/$(PRESET)/eval.toml
 	$(K2) --reuse report eval:latest
 	@echo "report: $$($(K2) artifacts path report:latest)/REPORT.md"
 

@@ -8,7 +8,7 @@ Reads top to bottom:
   1. PRESETS         how big each experiment is (quick: micro model, minutes; cpu: tiny model,
                      target 90 minutes on 2 idle cores; gpu: the small model on one GPU)
   2. K2              the ONLY way this script trains or evaluates anything: a subprocess
-                     `k2 --root ROOT --reuse <stage> --recipe stages/<base>/<stage>.toml --set ...`
+                     `k2 --root ROOT --reuse <stage> --recipe recipes/<base>/<stage>.toml --set ...`
                      (every command is logged and copied into the report). `--reuse` makes a step
                      whose latest artifact has the same recipe and inputs a no-op, and an interrupted
                      training run resumes from its checkpoint: running this script again continues.
@@ -49,7 +49,7 @@ REPO = HERE.parent
 
 PRESETS: dict[str, dict] = {
     "quick": dict(
-        base="micro",  # stages/micro/*.toml
+        base="micro",  # recipes/micro/*.toml
         world=40, rewrites=2, vocab=512,
         batch=4, seq=128, steps=12, eval_every=4, lr=0.01,
         seeds=[0], adamw_lrs=[0.01], muon_fractions=[],
@@ -60,7 +60,7 @@ PRESETS: dict[str, dict] = {
         rl=dict(steps=2, sft_steps=4),
     ),
     "cpu": dict(
-        base="tiny",  # stages/tiny/*.toml: the tiny (1.9M-parameter) MLA+MoE model
+        base="tiny",  # recipes/tiny/*.toml: the tiny (1.9M-parameter) MLA+MoE model
         world=400, rewrites=4, vocab=2048,
         batch=8, seq=256, steps=300, eval_every=25, lr=0.01,
         seeds=[0, 1],  # the MuonClip baseline twice: the seed-to-seed spread is the noise floor
@@ -74,7 +74,7 @@ PRESETS: dict[str, dict] = {
         rl=dict(steps=20, sft_steps=100),
     ),
     "gpu": dict(
-        base="small",  # stages/small/*.toml: the small (116M total, 39M active) model on one GPU
+        base="small",  # recipes/small/*.toml: the small (116M total, 39M active) model on one GPU
         world=2000, rewrites=4, vocab=16384,
         batch=32, seq=1024, steps=1000, eval_every=50, lr=0.006,
         seeds=[0, 1, 2], adamw_lrs=[0.006, 0.002], muon_fractions=[0.25, 0.5],
@@ -316,7 +316,7 @@ class Section:
 class Repro:
     def __init__(self, preset: str, P: dict, root: Path, report_dir: Path, k2: K2):
         self.preset, self.P, self.root, self.report_dir, self.k2 = preset, P, root, report_dir, k2
-        self.recipe = lambda stage: f"stages/{P['base']}/{stage}.toml"
+        self.recipe = lambda stage: f"recipes/{P['base']}/{stage}.toml"
         self.noise_val = None  # seed-to-seed spread of the final validation loss (experiment 1)
 
     # -- shared data: the K2 pipeline's corpus (world + biographies + math, rephrased) and one tokenizer
@@ -1015,7 +1015,7 @@ def render(preset: str, P: dict, sections: list[Section], k2: K2, wall_s: float,
     out = [
         "# K2's claims, re-measured at small scale",
         "",
-        f"`make reproduce` (preset **{preset}**: recipes `stages/{P['base']}/*.toml` plus `--set` overrides) ran every "
+        f"`make reproduce` (preset **{preset}**: recipes `recipes/{P['base']}/*.toml` plus `--set` overrides) ran every "
         "experiment below through the ordinary `k2` command line; every number is read back from the artifacts those "
         "commands wrote. Seeds are stated per experiment; most results are one run, so read small differences with the "
         "noise estimates given.",

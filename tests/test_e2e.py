@@ -24,7 +24,7 @@ STAGES = [  # artifact directory -> (artifact kind, the stage that made it), in 
     ("synth", "dataset", "synth"),
     ("rephrase", "dataset", "rephrase"),
     ("pretrain", "model", "pretrain"),
-    ("midtrain", "model", "pretrain"),  # `k2 pretrain --recipe stages/micro/midtrain.toml --out midtrain`
+    ("midtrain", "model", "pretrain"),  # `k2 pretrain --recipe recipes/micro/midtrain.toml --out midtrain`
     ("extend-context", "model", "extend-context"),
     ("agentic", "dataset", "agentic"),
     ("sft", "model", "sft"),

@@ -69,7 +69,7 @@ def test_parse_override_falls_back_to_string():
 
 
 def test_unknown_preset_and_missing_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("K2_STAGES", str(tmp_path))
+    monkeypatch.setenv("K2_RECIPES", str(tmp_path))
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "x.toml").write_text("seed = 1\n")
     assert resolve_recipe(Recipe, "x", preset="tiny")[0].seed == 1

@@ -83,7 +83,7 @@ def test_presets_cover_every_experiment_knob():
     keys = set(run.PRESETS["cpu"])
     for name, p in run.PRESETS.items():
         assert set(p) == keys, name
-        assert (REPO / "stages" / p["base"]).is_dir(), name
+        assert (REPO / "recipes" / p["base"]).is_dir(), name
 
 
 # ----------------------------------------------------------------------------- experiment 1, real artifacts
@@ -102,7 +102,7 @@ def test_quick_optimizers_end_to_end_and_resumable(tmp_path, capsys):
         assert (report / png).stat().st_size > 1000, png
         assert f"]({png})" in text
     # the exact commands are in the report, and only the public CLI was used
-    assert "k2 --root $ROOT --reuse pretrain --recipe stages/micro/pretrain.toml" in text
+    assert "k2 --root $ROOT --reuse pretrain --recipe recipes/micro/pretrain.toml" in text
     assert "not run in this invocation" in text  # experiments 2-5 were left out with --only
     # numbers come from the artifacts: the QK-Clip row quotes the runs' own max logits
     hist = [json.loads(x) for x in (root / "opt-logit-muonclip" / "latest" / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,7 @@
 Every stage declares its recipe as a dataclass whose fields are sections (themselves
 dataclasses) or plain values. A recipe is resolved in three layers:
 
-    defaults of the dataclass  <-  stages/<preset>/<stage>.toml (or --recipe FILE)  <-  --set a.b=c
+    defaults of the dataclass  <-  recipes/<preset>/<stage>.toml (or --recipe FILE)  <-  --set a.b=c
 
 A section may name a `preset` (for instance `[model] preset = "tiny"`): the section then
 starts from that preset and the remaining keys override it. Unknown keys and values of
@@ -26,14 +26,18 @@ from k2cli.errors import K2Error, did_you_mean
 
 
 def recipes_dir() -> Path:
-    """`$K2_STAGES`, else `./stages` when it exists, else the `stages/` of this source tree."""
-    env = os.environ.get("K2_STAGES")
+    """`$K2_RECIPES`, else `./recipes` when it exists, else the `recipes/` of this source tree.
+
+    (`stages/` at the top of the repository is a link to `recipes/`, kept so that older
+    `--recipe stages/...` commands still work; `$K2_STAGES` is read as an alias.)
+    """
+    env = os.environ.get("K2_RECIPES") or os.environ.get("K2_STAGES")
     if env:
         return Path(env)
-    here = Path.cwd() / "stages"
+    here = Path.cwd() / "recipes"
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parents[2] / "stages"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def presets_for(stage: str) -> list[str]:

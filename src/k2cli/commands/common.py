@@ -14,7 +14,7 @@ def recipe_options(stage: str, recipe_cls, default_preset: str | None = "tiny"):
     """Add --preset/--recipe/--set to a command; it receives `recipe` (resolved) and `recipe_source`."""
 
     def decorate(fn):
-        @click.option("--preset", default=default_preset, show_default=True, help=f"Recipe preset: stages/PRESET/{stage}.toml.")
+        @click.option("--preset", default=default_preset, show_default=True, help=f"Recipe preset: recipes/PRESET/{stage}.toml.")
         @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), default=None, help="A recipe TOML file (instead of the preset).")
         @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. --set train.lr=3e-3 (repeatable).")
         @functools.wraps(fn)
