@@ -13,6 +13,7 @@ the wrong type are errors that name the key and suggest the closest valid one.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import tomllib
 import types
@@ -26,10 +27,12 @@ from k2cli.errors import K2Error, did_you_mean
 
 
 def recipes_dir() -> Path:
-    """`$K2_RECIPES`, else `./recipes` when it exists, else the `recipes/` of this source tree.
+    """`$K2_RECIPES`, else `./recipes` when it exists, else the recipes shipped with the package.
 
-    (`stages/` at the top of the repository is a link to `recipes/`, kept so that older
-    `--recipe stages/...` commands still work; `$K2_STAGES` is read as an alias.)
+    The shipped ones are the repository's top-level `recipes/`, packaged as
+    `k2cli/builtin_recipes` (a link in the source tree, real files in a wheel). `stages/` at
+    the top of the repository links to `recipes/` too, so older `--recipe stages/...` commands
+    still work; `$K2_STAGES` is read as an alias of `$K2_RECIPES`.
     """
     env = os.environ.get("K2_RECIPES") or os.environ.get("K2_STAGES")
     if env:
@@ -37,7 +40,7 @@ def recipes_dir() -> Path:
     here = Path.cwd() / "recipes"
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parents[2] / "recipes"
+    return Path(str(importlib.resources.files("k2cli") / "builtin_recipes"))
 
 
 def presets_for(stage: str) -> list[str]:
