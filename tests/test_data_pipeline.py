@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_clean_error
-from k2cli.data.loading import load_corpus
+from k2cli.data.loading import absolute_corpus_ref, corpus_fingerprint, load_corpus, parse_hub_ref
 from k2cli.data.packing import batch_indices, pack, split_documents, unigram_entropy
 from k2cli.data.tokenizer import EOT, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from k2cli.errors import K2Error
@@ -80,6 +80,42 @@ def test_bad_corpus(tmp_path, content, words):
     p.write_bytes(content)
     with pytest.raises(K2Error, match=words):
         load_corpus(str(p))
+
+
+def test_load_saved_dataset_and_dataset_dict_splits(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS[:3]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_corpus(str(tmp_path / "ds"))[0]["text"] == TEXTS[:3]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:4]}),
+                               "validation": datasets.Dataset.from_dict({"text": TEXTS[4:6]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert load_corpus(str(tmp_path / "dd"))[0]["text"] == TEXTS[:4]  # train by default
+    assert load_corpus(f"{tmp_path / 'dd'}@validation")[0]["text"] == TEXTS[4:6]
+    assert corpus_fingerprint(str(tmp_path / "dd")) != corpus_fingerprint(f"{tmp_path / 'dd'}@validation")
+    with pytest.raises(K2Error, match=r"splits \['train', 'validation'\], not 'test'"):
+        load_corpus(f"{tmp_path / 'dd'}@test")
+    with pytest.raises(K2Error, match="single Dataset, it has no split"):
+        load_corpus(f"{tmp_path / 'ds'}@train")
+
+
+def test_hub_dataset_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(K2Error, match="cannot load Hub dataset roneneldan/TinyStories split train"):
+        load_corpus("hf:roneneldan/TinyStories")
+    assert parse_hub_ref("hf:HuggingFaceFW/fineweb-edu:sample-10BT@train[:1%]") == (
+        "HuggingFaceFW/fineweb-edu", "sample-10BT", "train[:1%]")
+    with pytest.raises(K2Error, match="no dataset name"):
+        parse_hub_ref("hf:")
+
+
+def test_corpus_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert absolute_corpus_ref("c.jsonl") == str(tmp_path / "c.jsonl")
+    assert absolute_corpus_ref("rephrase:latest") == "rephrase:latest"  # artifact refs and Hub names as given
+    assert absolute_corpus_ref("hf:a/b") == "hf:a/b"
 
 
 def test_missing_corpus(tmp_path):

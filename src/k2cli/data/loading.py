@@ -2,9 +2,17 @@
 
 Accepted inputs:
   * a k2 dataset artifact (ref or path): its `corpus/` subset;
-  * a directory written by `datasets.Dataset.save_to_disk`;
+  * a directory written by `datasets.Dataset.save_to_disk`, or by `DatasetDict.save_to_disk`
+    (`DIR@SPLIT` picks the split; the default is `train`, or the only split there is);
   * files: `.txt` (one document per file), `.jsonl` / `.json` (one record per line with a text
-    field), `.parquet`; a directory of such files.
+    field), `.parquet`; a directory of such files;
+  * a Hugging Face Hub dataset, `hf:NAME[:CONFIG][@SPLIT]` (split slicing works: `@train[:1%]`):
+    downloaded once into the Hugging Face cache (Arrow files, memory-mapped, so a large dataset
+    never sits in RAM), then tokenised into k2's token cache like any corpus. Offline, a Hub name is
+    one clear error.
+
+Paths are recorded absolute (`absolute_corpus_ref`), so a later stage run from another directory
+finds the same corpus.
 
 The result always has a `text` column (and `doc_id`). Every failure is a K2Error that names
 the file and, for JSON lines, the line.
@@ -21,14 +29,50 @@ from k2cli.errors import K2Error
 SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+HUB_PREFIX = "hf:"
+
+
 def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
+def _is_saved_dataset_dict(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_dict.json").is_file()
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None, str] | None:
+    """"hf:NAME[:CONFIG][@SPLIT]" -> (name, config or None, split, default "train"); None otherwise."""
+    if not str(ref).startswith(HUB_PREFIX):
+        return None
+    body, _, split = str(ref)[len(HUB_PREFIX) :].partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise K2Error(f"no dataset name in {ref!r}", "write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG@SPLIT")
+    return name, config or None, split or "train"
+
+
+def _split_suffix(ref: str) -> tuple[str, str | None]:
+    """"DIR@SPLIT" -> (DIR, SPLIT) when DIR exists and "DIR@SPLIT" does not; else (ref, None)."""
+    head, at, split = str(ref).rpartition("@")
+    if at and not Path(str(ref)).exists() and Path(head).exists():
+        return head, split
+    return str(ref), None
+
+
+def absolute_corpus_ref(ref: str) -> str:
+    """The reference to record in a manifest: local paths made absolute (never relative to the working
+    directory); artifact refs (stage:vN) and Hub names as they are."""
+    path, split = _split_suffix(ref)
+    if parse_hub_ref(ref) or not Path(path).exists():
+        return str(ref)
+    return str(Path(path).resolve()) + (f"@{split}" if split else "")
+
+
 def corpus_source(ref: str) -> tuple[object, list[Path]]:
-    """(artifact or None, files/dirs that hold the text) for an input reference."""
+    """(artifact or None, files/dirs that hold the text) for a local input reference."""
     from k2cli.artifacts import MANIFEST, open_artifact, resolve
 
+    ref, _ = _split_suffix(ref)
     path = resolve(ref) if ":" in str(ref) and not Path(str(ref)).exists() else Path(ref)
     if path.is_dir() and (path / MANIFEST).is_file():
         art = open_artifact(path, kind="dataset")
@@ -38,7 +82,7 @@ def corpus_source(ref: str) -> tuple[object, list[Path]]:
         return art, [corpus]
     if not path.exists():
         raise K2Error(f"corpus not found: {ref}", "pass a dataset artifact, a save_to_disk directory, or .txt/.jsonl/.parquet files")
-    if _is_saved_dataset(path):
+    if _is_saved_dataset(path) or _is_saved_dataset_dict(path):
         return None, [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
@@ -80,9 +124,11 @@ def load_corpus(ref: str, text_field: str = "text"):
     import datasets
 
     datasets.disable_progress_bars()
-    art, paths = corpus_source(ref)
-    if len(paths) == 1 and paths[0].is_dir():
-        ds = datasets.load_from_disk(str(paths[0]))
+    art, paths = (None, []) if parse_hub_ref(ref) else corpus_source(ref)
+    if parse_hub_ref(ref):
+        ds = _load_hub(ref)
+    elif len(paths) == 1 and paths[0].is_dir():
+        ds = _load_saved(paths[0], _split_suffix(ref)[1], ref)
     else:
         kinds = {SUFFIXES[p.suffix] for p in paths}
         if len(kinds) > 1:
@@ -113,12 +159,58 @@ def load_corpus(ref: str, text_field: str = "text"):
     return ds, art
 
 
+def _load_saved(path: Path, split: str | None, ref: str):
+    """A `save_to_disk` directory: a Dataset, or one split of a DatasetDict."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged directory: datasets raises many types
+        raise K2Error(f"cannot read the saved dataset {path}: {str(e).splitlines()[0][:200]}", "save it again with save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        pick = split or ("train" if "train" in ds else splits[0] if len(splits) == 1 else None)
+        if pick not in ds:
+            raise K2Error(f"{ref} is a DatasetDict with splits {splits}" + (f", not '{split}'" if split else ""),
+                          f"name the split: {path}@{splits[0]}")
+        return ds[pick]
+    if split:
+        raise K2Error(f"{path} is a single Dataset, it has no split '{split}'", f"drop '@{split}'")
+    return ds
+
+
+def _load_hub(ref: str):
+    """A Hub dataset (downloaded once into the HF cache, Arrow-backed): one line when it cannot be had."""
+    import datasets
+
+    name, config, split = parse_hub_ref(ref)
+    datasets.logging.set_verbosity_error()  # retries are logged as warnings: the error below says it once
+    try:
+        import huggingface_hub
+
+        huggingface_hub.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, bad config/split: datasets raises many types
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise K2Error(f"cannot load Hub dataset {name}" + (f" ({config})" if config else "") + f" split {split}: {reason}",
+                      "check the name and your network (HF_HUB_OFFLINE=1 uses only the local cache), or pass a local "
+                      "copy: files, or a directory written by save_to_disk") from None
+
+
 def corpus_fingerprint(ref: str) -> str:
     """A content hash of the input, for cache keys (manifest hash for artifacts, bytes for files)."""
     from k2cli.artifacts import sha256_file
 
-    art, paths = corpus_source(ref)
     h = hashlib.sha256()
+    if parse_hub_ref(ref):  # the cache files datasets loaded: its own content fingerprint
+        h.update(str(ref).encode())
+        h.update(_load_hub(ref)._fingerprint.encode())
+        return h.hexdigest()[:16]
+    art, paths = corpus_source(ref)
+    h.update((_split_suffix(ref)[1] or "").encode())
     if art is not None:
         h.update(sha256_file(art.path / "manifest.json").encode())
         return h.hexdigest()[:16]
