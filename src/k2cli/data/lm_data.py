@@ -1,5 +1,8 @@
 """From a corpus reference to packed training and validation rows (pretrain, extend-context), and the
-pre-training corpus of a model found through its lineage (extend-context, sft replay)."""
+pre-training corpus of a model found through its lineage (extend-context, sft replay).
+
+The corpus is tokenised once into a memory-mapped token file (data/token_cache.py) and the rows are
+read from it on demand (data/packing.py's PackedStream): memory does not grow with the corpus."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import numpy as np
 
 from k2cli.artifacts import artifacts_root, lineage
 from k2cli.data.loading import corpus_fingerprint, load_corpus
-from k2cli.data.packing import PackedData, pack, split_documents, tokenize_corpus, unigram_entropy
+from k2cli.data.packing import PackedData, PackedStream, entropy_of_counts, split_documents
+from k2cli.data.token_cache import TokenFile, tokenize_to_cache
 from k2cli.errors import K2Error
 
 
@@ -23,8 +27,8 @@ class DataConfig:
 
 @dataclass
 class LMData:
-    train: PackedData
-    val: PackedData
+    train: PackedStream
+    val: PackedStream | PackedData  # an empty PackedData when nothing is held out
     n_docs: int
     n_train_tokens: int
     unigram_entropy: float
@@ -43,26 +47,32 @@ def training_texts(ds, val_fraction: float, seed: int) -> list[str]:
     return ds.select(train_idx)["text"]
 
 
+def token_file(ds, fingerprint: str, tokenizer) -> TokenFile:
+    """The corpus's token file, built once under <root>/cache/tokens."""
+    return tokenize_to_cache(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)
+
+
 def split_token_documents(ds, fingerprint: str, tokenizer, val_fraction: float, seed: int) -> tuple[list, list, int]:
-    """Tokenise (cached under <root>/cache) and hold out validation documents:
-    (training documents' ids, validation documents' ids, number of documents)."""
-    ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
-    train_idx, val_idx = split_documents(len(ids), val_fraction, seed)
-    return [ids[i] for i in train_idx], [ids[i] for i in val_idx], len(ids)
+    """Tokenise (cached) and hold out validation documents, as lists of ids for code that edits
+    documents (long-context rows, SFT replay): (training documents, validation documents, count)."""
+    tf = token_file(ds, fingerprint, tokenizer)
+    train_idx, val_idx = split_documents(len(tf), val_fraction, seed)
+    return tf.docs(train_idx), tf.docs(val_idx), len(tf)
 
 
 def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, val_fraction: float, seed: int) -> LMData:
-    """Tokenise, hold out validation documents, shuffle, pack."""
-    train_docs, val_docs, n_docs = split_token_documents(ds, fingerprint, tokenizer, val_fraction, seed)
-    train = pack(train_docs, tokenizer.eot_id, seq_len, seed)
-    val = pack(val_docs, tokenizer.eot_id, seq_len, seed + 1) if val_docs else PackedData(np.zeros((0, seq_len + 1), np.int32))
-    n_tokens = sum(len(d) + 1 for d in train_docs)
+    """Tokenise (cached), hold out validation documents, shuffle, pack: rows read from the token file."""
+    tf = token_file(ds, fingerprint, tokenizer)
+    train_idx, val_idx = split_documents(len(tf), val_fraction, seed)
+    train = PackedStream(tf, train_idx, tokenizer.eot_id, seq_len, seed)
+    val = PackedStream(tf, val_idx, tokenizer.eot_id, seq_len, seed + 1) if len(val_idx) else \
+        PackedData(np.zeros((0, seq_len + 1), np.int32))
     return LMData(
         train=train,
         val=val,
-        n_docs=n_docs,
-        n_train_tokens=n_tokens,
-        unigram_entropy=unigram_entropy(train.tokens[:, 1:], tokenizer.vocab_size),
+        n_docs=len(tf),
+        n_train_tokens=train.n_stream,
+        unigram_entropy=entropy_of_counts(train.target_counts(tokenizer.vocab_size)),
         input_artifact=art,
         fingerprint=fingerprint,
     )

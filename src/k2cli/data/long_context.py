@@ -370,7 +370,7 @@ def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, s
         n_c = len(lm.train)
         reps = -(-counts["corpus"] // n_c)
         idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n_c) for e in range(reps)])[: counts["corpus"]]
-        parts.append(lm.train.tokens[idx])
+        parts.append(lm.train.token_rows(idx))
         masks.append(np.ones((len(idx), T), dtype=bool))
     if counts["long_docs"]:
         docs, doc_masks = [], []

@@ -48,20 +48,6 @@ class PackedData:
         return {"input_ids": inputs, "targets": targets}
 
 
-def tokenize_corpus(ds, tokenizer, cache_dir: Path | None, key: str):
-    """Add an `ids` column with datasets.map; cached on disk under a tokenizer+data key."""
-    cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"tokens-{key}-{tokenizer.fingerprint()}.arrow")
-
-    def encode(batch):
-        return {"ids": tokenizer.encode_batch(batch["text"])}
-
-    return ds.map(encode, batched=True, batch_size=256, cache_file_name=cache_file, load_from_cache_file=True,
-                  desc=None)
-
-
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Document indices for training and validation (validation held out at document level)."""
     order = np.random.default_rng(seed).permutation(n_docs)
