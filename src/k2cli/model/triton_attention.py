@@ -1,0 +1,156 @@
+"""Causal flash attention in Triton, with QK-Clip's max-logit statistic for free (CUDA training).
+
+The same contract as `blocked_attention.causal_attention`:
+
+    flash_attention(q [B, H, T, d], k [B, H, S, d], v [B, H, S, dv], scale)
+        -> out [B, H, T, dv] (q's dtype), head_max [H] float32 (no grad)
+
+Query t sits at absolute position S - T + t and sees keys 0 .. S - T + t (S == T: plain causal).
+d and dv are any widths (MLA: d = qk_nope + qk_rope = 192, dv = 128 at K2's shape, so values are
+narrower than keys — which `F.scaled_dot_product_attention`'s flash kernels do not allow without
+padding v); each is padded to a power of two >= 16 inside the kernel by masked loads (192 -> 256:
+the q.k products of K2's shape do a third more work than needed; a two-part 128 + 64 split would
+remove that and is left for when a GPU can measure it).
+
+Why a kernel of our own: the statistic is every head's largest pre-softmax logit, and a fused
+kernel computes each row's maximum anyway for a stable softmax, but never shows it. Beside
+PyTorch's fused kernel the statistic costs a second pass that recomputes all the scores (issue
+19 measured 20% of a `small` training step on an H200). Here the forward's running row maxima
+ARE the statistic: each program writes the maximum of its block of rows, [B*H, T/BLOCK_M]
+numbers, and one tiny torch reduction turns them into [H].
+
+Forward (FlashAttention-2), one program per (block of BLOCK_M query rows, batch*head):
+    for each block of BLOCK_N keys the rows can see (blocks past the diagonal are skipped):
+        s = q k^T * scale, -inf where key > query     [BM, BN] fp32
+        m' = max(m, rowmax(s)); l = l e^(m - m') + rowsum(e^(s - m')); acc = acc e^(m - m') + e^(s - m') v
+    out = acc / l;  lse = m + log l  (saved for the backward);  block max = max over valid rows of m
+Backward (FlashAttention-2, recomputing p = e^(s - lse) instead of storing it; D = rowsum(dO * O)):
+    per key block:    dV = sum p^T dO;  dK = scale * sum dS^T Q,  dS = p * (dO V^T - D)
+    per query block:  dQ = scale * sum dS K
+Two kernels for the backward (keys-major for dK/dV, queries-major for dQ): no atomics, so the
+result is deterministic.
+
+Matmul inputs are the tensors' dtype (bf16 on the tensor cores, fp32 accumulation; fp32 inputs use
+exact "ieee" products, not TF32). Under the Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors,
+what the tests run) products are taken in fp32: the interpreter stores bf16 as raw 16-bit integers
+and only converts them correctly through explicit casts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up once: no import, no cost per call
+
+
+def available() -> bool:
+    """Is triton installed? (optional: Linux x86-64 wheels only; attention.py falls back without it)"""
+    return _AVAILABLE
+
+
+def use_triton(q: Tensor) -> bool:
+    """Should `MLAttention` compute unmasked causal attention with this kernel?
+
+    attention.ATTENTION_BACKEND "auto": on CUDA when triton is installed; "triton": also on CPU
+    (under TRITON_INTERPRET=1: the tests' way of running the whole model through the kernel);
+    any other backend: never.
+    """
+    if not _AVAILABLE or not (q.is_cuda or _backend() == "triton"):
+        return False
+    return _backend() in ("auto", "triton")
+
+
+def _backend() -> str:
+    from k2cli.model import attention  # the switch lives there (attention.py imports this module)
+
+    return attention.ATTENTION_BACKEND
+
+
+def _pad(n: int) -> int:
+    """Block width for a head dim of n: a power of two, at least 16 (tl.dot's smallest tile)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _config(q: Tensor, d: int, dv: int) -> dict:
+    """Tile sizes and the matmul input type. Untuned on a GPU (none was lent to measure them):
+    64 x 64 tiles are FlashAttention-2's usual choice for head dims up to 128; wider heads
+    (K2's 192 pads to 256) take 64 x 32 to bound registers and shared memory."""
+    import triton.language as tl
+
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32)
+    if q.device.type != "cuda":  # the interpreter: fp32 products (see the module docstring)
+        dot = tl.float32
+    bd, bdv = _pad(d), _pad(dv)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64 if max(bd, bdv) <= 128 else 32, BLOCK_D=bd, BLOCK_DV=bdv,
+               DOT=dot, PREC="ieee" if dot == tl.float32 else "tf32")
+    if q.device.type == "cuda":
+        cfg.update(num_warps=4 if max(bd, bdv) <= 64 else 8, num_stages=2)
+    else:  # the interpreter runs a block as numpy arrays: few, small blocks keep the tests fast
+        cfg.update(BLOCK_M=16, BLOCK_N=16)
+    return cfg
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of [B, H, T, width] with unit stride along the width."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float):
+        from k2cli.model.triton_kernels import fwd_kernel
+
+        B, H, T, d = q.shape
+        S, dv = k.shape[2], v.shape[-1]
+        # contiguous, so that each gradient (empty_like) shares its input's strides in the kernels;
+        # MLA's v is a slice of the up-projection (strided): one copy of [B, H, S, dv]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        cfg = _config(q, d, dv)
+        n_m = _cdiv(T, cfg["BLOCK_M"])
+        out = q.new_empty(B, H, T, dv)
+        lse = torch.empty(B * H, T, dtype=torch.float32, device=q.device)
+        block_max = torch.empty(B * H, n_m, dtype=torch.float32, device=q.device)
+        fwd_kernel[(n_m, B * H)](q, k, v, out, lse, block_max, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                                  H, T, S, d, dv, n_m, scale, **cfg)
+        head_max = block_max.view(B, H, n_m).amax(dim=(0, 2))  # [H]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(head_max)
+        return out, head_max
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, _d_head_max):
+        from k2cli.model.triton_kernels import bwd_kv_kernel, bwd_q_kernel
+
+        q, k, v, out, lse = ctx.saved_tensors
+        B, H, T, d = q.shape
+        S, dv = k.shape[2], v.shape[-1]
+        d_out = d_out.contiguous()
+        delta = (d_out.float() * out.float()).sum(-1).view(B * H, T)  # D = rowsum(dO * O)
+        cfg = _config(q, d, dv)
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out), H, T, S, d, dv, ctx.scale)
+        bwd_kv_kernel[(_cdiv(S, cfg["BLOCK_N"]), B * H)](q, k, v, d_out, lse, delta, dk, dvv, *common, **cfg)
+        bwd_q_kernel[(_cdiv(T, cfg["BLOCK_M"]), B * H)](q, k, v, d_out, lse, delta, dq, *common, **cfg)
+        return dq, dk, dvv, None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale, causal) v -> (out [B, H, T, dv], per-head max logit [H], float32, no grad).
+
+    Mixed input dtypes are promoted (under autocast q and k may come out of different ops);
+    gradients flow back in each input's own dtype.
+    """
+    if not available():
+        raise RuntimeError("flash_attention needs triton (pip install triton; Linux x86-64)")
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
