@@ -131,3 +131,16 @@ def test_micro_model_through_the_kernel(monkeypatch):
     torch.testing.assert_close(ml_t, ml_b, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_t, g_b):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_takes_its_dtype():
+    """Under autocast (the training loop's bf16 path) fp32 inputs run in autocast's dtype, like sdpa."""
+    q, k, v = inputs(1, 2, 17, 17, 24, 16, torch.float32, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, head_max = flash_attention(q, k, v, 0.25)
+    assert out.dtype == torch.bfloat16 and head_max.dtype == torch.float32
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32  # gradients in the inputs' own dtype
+    ref, ref_max = reference(*(x.to(torch.bfloat16) for x in (q, k, v)), 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(head_max.double(), ref_max, atol=1e-4, rtol=1e-4)

@@ -146,11 +146,14 @@ class _FlashAttention(torch.autograd.Function):
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """softmax(q k^T * scale, causal) v -> (out [B, H, T, dv], per-head max logit [H], float32, no grad).
 
-    Mixed input dtypes are promoted (under autocast q and k may come out of different ops);
-    gradients flow back in each input's own dtype.
+    Under autocast the inputs take autocast's dtype (bf16), as for F.scaled_dot_product_attention;
+    otherwise mixed dtypes are promoted. Gradients flow back in each input's own dtype.
     """
     if not available():
         raise RuntimeError("flash_attention needs triton (pip install triton; Linux x86-64)")
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if torch.is_autocast_enabled(q.device.type):  # like F.scaled_dot_product_attention: autocast's dtype
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
