@@ -16,7 +16,7 @@ Sections (each measured in this one process; k2 and transformers interleaved cal
   mfu        model FLOPs utilisation of the training step against the matmul peak, timed in the same rounds.
   moe        the MoE layer (router, dispatch, experts, combine) vs a dense SwiGLU MLP with the
              same active FLOPs, forward + backward; transformers' MoE layer on the same weights.
-  gpu        (CUDA only; the default there) the bf16 training step (autocast, fp32 parameters) of the
+  gpu        (CUDA only; with decode, the default there) the bf16 training step (autocast, fp32 parameters) of the
              small and gpu presets: k2 eager and torch.compile'd vs transformers, tokens/s, MFU against
              the honest peak (k2cli.train.mfu: datasheet dense bf16, the same figure the training loop
              logs), and the max-logit statistic's share of the step.
@@ -55,7 +55,10 @@ from k2cli.train.lm_task import LMTask  # noqa: E402
 from k2cli.train.mfu import device_peak, mfu  # noqa: E402
 
 SECTIONS = ("train", "breakdown", "decode", "mfu", "moe", "gpu")
-CPU_SECTIONS = SECTIONS[:-1]  # the default on a CPU (today's sections); CUDA adds "gpu"
+# Defaults: a CPU runs the float32 sections (their MFU is against a float32 matmul timed in the same
+# rounds); CUDA runs the bf16 training section (MFU against k2cli.train.mfu's peak) and decoding.
+CPU_SECTIONS = ("train", "breakdown", "decode", "mfu", "moe")
+CUDA_SECTIONS = ("gpu", "decode")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -310,7 +313,8 @@ def bench_moe(preset: str, batch: int, seq: int, repeats: int, device: str) -> d
 # ----------------------------------------------------------------------------- 6. GPU: bf16 training step
 
 
-def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cuda") -> dict:
+def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cuda", dtype=torch.bfloat16,
+              compile: bool = True) -> dict:
     """One bf16 training step (forward + backward, autocast over fp32 parameters as the loop's
     precision=auto does), timed interleaved:
       k2        the default path: Triton flash attention (the statistic for free) when triton imports
@@ -326,11 +330,13 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
     model.train(), hf.train()
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
     inputs, targets = x[:, :-1], x[:, 1:]
+    kind = torch.device(device).type
+    amp = lambda: torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
 
     def k2_step(m, track, backend="auto"):
         def run():
             attention.ATTENTION_BACKEND = backend
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with amp():
                 stats = ForwardStats(track_max_logits=track)
                 logits = m(inputs, stats=stats)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss()
@@ -340,7 +346,7 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
         return run
 
     def hf_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with amp():
             logits = hf(inputs).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
@@ -348,8 +354,10 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
 
     fns = {"k2": k2_step(model, True), "k2_plain": k2_step(model, False, "sdpa"),
            "k2_sdpa": k2_step(model, True, "sdpa"), "hf": hf_step}
-    compiled, t_compile, compile_error = torch.compile(model), float("nan"), ""
+    compiled, t_compile, compile_error = torch.compile(model), float("nan"), "not asked"
     try:
+        if not compile:
+            raise RuntimeError("not asked")
         sync()
         t0 = time.perf_counter()
         k2_step(compiled, True)()  # the first call compiles
@@ -364,7 +372,7 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
     per_token = cfg.flops_per_token(seq)["train"]  # the training loop's convention (full attention square)
     row = {"preset": preset, "shape": f"{batch}x{seq}", "tokens": tokens, "peak": str(peak), "triton": triton_available(),
            "t_compile": t_compile, "compile_error": compile_error,
-           "memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+           "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if kind == "cuda" else float("nan")}
     for name, sec in t.items():
         row[f"tps_{name}"] = tokens / sec
         row[f"mfu_{name}"] = mfu(tokens / sec, per_token, peak.tflops)
@@ -374,7 +382,8 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
     if "k2_compiled" in t:
         row["ratio_hf_compiled"] = t["hf"] / t["k2_compiled"]
     del model, hf, compiled
-    torch.cuda.empty_cache()
+    if kind == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -417,7 +426,8 @@ def main():
     ap.add_argument("--presets", default="tiny,small", help="for the train, decode and moe sections")
     ap.add_argument("--gpu-presets", default="small,gpu", help="for the gpu section")
     ap.add_argument("--sections", default=None,
-                    help=f"comma-separated, from {','.join(SECTIONS)} (default: all but gpu on a CPU, all on CUDA)")
+                    help=f"comma-separated, from {','.join(SECTIONS)} (default: {','.join(CPU_SECTIONS)} on a CPU, "
+                         f"{','.join(CUDA_SECTIONS)} on CUDA)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, small shapes, few repeats; writes nothing")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a machine shared with other jobs, multi-threaded kernels stall on "
@@ -428,7 +438,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    default = SECTIONS if torch.cuda.is_available() else CPU_SECTIONS
+    default = CUDA_SECTIONS if args.device.startswith("cuda") else CPU_SECTIONS
     sections = [s for s in (args.sections or ",".join(default)).split(",") if s]
     for s in sections:
         if s not in SECTIONS:

@@ -307,7 +307,7 @@ PRESETS: dict[str, ModelConfig] = {
     #     point (989 TFLOP/s / 3.35 TB/s = 295); D = 1536 keeps attention/LM-head projections >= 1536 wide.
     #   * FLOPs per token at 2048 (`k2 model info --preset gpu`): training 2.55 GFLOP = 6 x 330M matmul
     #     parameters (78%) + causal-square attention (22%); the LM head is 12%. At 40% MFU an H100 trains
-    #     989e12 x 0.4 / 2.55e9 = 155K tokens/s: the pretrain recipe's 2000 x 32 x 2048 tokens in ~15 min.
+    #     989e12 x 0.4 / 2.55e9 = 155K tokens/s: the pretrain recipe's 2000 x 64 x 2048 tokens in ~30 min.
     #   * memory: 1.9B fp32 parameters + gradients + Muon/AdamW state ~ 24 GB, activations of a 16 x 2048
     #     micro-batch in bf16 a few tens of GB: inside 80 GB.
     "gpu": ModelConfig(

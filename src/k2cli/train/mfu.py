@@ -60,7 +60,7 @@ class Peak:
     device: str  # the device's name
 
     def __str__(self) -> str:
-        return f"{self.tflops:,.1f} TFLOP/s ({self.source}, {self.device})"
+        return f"{self.tflops:,.4g} TFLOP/s ({self.source}, {self.device})"
 
 
 def datasheet_tflops(name: str) -> float | None:
