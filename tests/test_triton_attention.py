@@ -144,3 +144,10 @@ def test_autocast_takes_its_dtype():
     ref, ref_max = reference(*(x.to(torch.bfloat16) for x in (q, k, v)), 0.25)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(head_max.double(), ref_max, atol=1e-4, rtol=1e-4)
+
+
+def test_split_width():
+    """q/k columns in two power-of-two chunks: K2's 192 is 128 + 64, not padded to 256."""
+    from k2cli.model.triton_attention import split_width
+
+    assert [split_width(d) for d in (192, 96, 48, 128, 24, 8)] == [(128, 64), (64, 32), (32, 16), (128, 0), (16, 16), (16, 0)]

@@ -8,9 +8,8 @@ The same contract as `blocked_attention.causal_attention`:
 Query t sits at absolute position S - T + t and sees keys 0 .. S - T + t (S == T: plain causal).
 d and dv are any widths (MLA: d = qk_nope + qk_rope = 192, dv = 128 at K2's shape, so values are
 narrower than keys — which `F.scaled_dot_product_attention`'s flash kernels do not allow without
-padding v); each is padded to a power of two >= 16 inside the kernel by masked loads (192 -> 256:
-the q.k products of K2's shape do a third more work than needed; a two-part 128 + 64 split would
-remove that and is left for when a GPU can measure it).
+padding v). The kernels take q/k in two power-of-two column chunks (192 = 128 + 64, `split_width`)
+and v in one; masked loads pad a chunk past the real width with zeros (dv = 8 -> 16).
 
 Why a kernel of our own: the statistic is every head's largest pre-softmax logit, and a fused
 kernel computes each row's maximum anyway for a stable softmax, but never shows it. Beside
@@ -75,20 +74,31 @@ def _pad(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def split_width(d: int) -> tuple[int, int]:
+    """q/k width d as two power-of-two column chunks (the second 0 when one covers d):
+    192 -> (128, 64), 96 -> (64, 32), 48 -> (32, 16), 128 -> (128, 0), 24 -> (16, 16), 8 -> (16, 0).
+    MLA's d = nope + rope is rarely a power of two; padding 192 to 256 would cost a third more
+    q.k work and registers, two chunks cost nothing (rope dims are powers of two)."""
+    first = max(16, 1 << (d.bit_length() - 1))
+    return first, (_pad(d - first) if d > first else 0)
+
+
 def _config(q: Tensor, d: int, dv: int) -> dict:
     """Tile sizes and the matmul input type. Untuned on a GPU (none was lent to measure them):
     64 x 64 tiles are FlashAttention-2's usual choice for head dims up to 128; wider heads
-    (K2's 192 pads to 256) take 64 x 32 to bound registers and shared memory."""
+    (K2's 192 + 128) take 64 x 32 to bound registers and shared memory."""
     import triton.language as tl
 
     dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(q.dtype, tl.float32)
     if q.device.type != "cuda":  # the interpreter: fp32 products (see the module docstring)
         dot = tl.float32
-    bd, bdv = _pad(d), _pad(dv)
-    cfg = dict(BLOCK_M=64, BLOCK_N=64 if max(bd, bdv) <= 128 else 32, BLOCK_D=bd, BLOCK_DV=bdv,
-               DOT=dot, PREC="ieee" if dot == tl.float32 else "tf32")
+    d1, d2 = split_width(d)
+    bdv = _pad(dv)
+    wide = d1 + d2 + bdv > 256
+    cfg = dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D1=d1, BLOCK_D2=max(d2, 16), HAS_D2=d2 > 0,
+               BLOCK_DV=bdv, DOT=dot, PREC="ieee" if dot == tl.float32 else "tf32")
     if q.device.type == "cuda":
-        cfg.update(num_warps=4 if max(bd, bdv) <= 64 else 8, num_stages=2)
+        cfg.update(num_warps=8 if wide else 4, num_stages=2)
     else:  # the interpreter runs a block as numpy arrays: few, small blocks keep the tests fast
         cfg.update(BLOCK_M=16, BLOCK_N=16)
     return cfg
