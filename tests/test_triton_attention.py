@@ -151,3 +151,23 @@ def test_split_width():
     from k2cli.model.triton_attention import split_width
 
     assert [split_width(d) for d in (192, 96, 48, 128, 24, 8)] == [(128, 64), (64, 32), (32, 16), (128, 0), (16, 16), (16, 0)]
+
+
+def test_compiles_fullgraph_as_an_opaque_op():
+    """torch.compile(fullgraph=True) traces through flash_attention (two custom ops): no graph break,
+    same output, statistic and gradients as eager."""
+    q, k, v = inputs(1, 2, 19, 19, 24, 16, torch.float32, seed=9)
+
+    def f(q, k, v):
+        out, head_max = flash_attention(q, k, v, 0.2)
+        return (out * out).sum(), head_max
+
+    torch._dynamo.reset()
+    loss_c, max_c = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e, max_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(max_c, max_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)

@@ -27,7 +27,8 @@ Backward (FlashAttention-2, recomputing p = e^(s - lse) instead of storing it; D
     per key block:    dV = sum p^T dO;  dK = scale * sum dS^T Q,  dS = p * (dO V^T - D)
     per query block:  dQ = scale * sum dS K
 Two kernels for the backward (keys-major for dK/dV, queries-major for dQ): no atomics, so the
-result is deterministic.
+result is deterministic. The kernels live in triton_kernels.py; here they become two torch custom ops
+(k2::flash_attention_fwd / _bwd) with an autograd rule, opaque to torch.compile.
 
 Matmul inputs are the tensors' dtype (bf16 on the tensor cores, fp32 accumulation; fp32 inputs use
 exact "ieee" products, not TF32). Under the Triton interpreter (`TRITON_INTERPRET=1`, CPU tensors,
@@ -113,44 +114,74 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float):
-        from k2cli.model.triton_kernels import fwd_kernel
+# The kernels are wrapped as two torch custom ops (forward, backward) with shape-only "fake"
+# implementations and an autograd rule: torch.compile (fullgraph) sees two opaque ops, never Triton's
+# launch machinery, and autograd sees an ordinary differentiable op.
 
-        B, H, T, d = q.shape
-        S, dv = k.shape[2], v.shape[-1]
-        # contiguous, so that each gradient (empty_like) shares its input's strides in the kernels;
-        # MLA's v is a slice of the up-projection (strided): one copy of [B, H, S, dv]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cfg = _config(q, d, dv)
-        n_m = _cdiv(T, cfg["BLOCK_M"])
-        out = q.new_empty(B, H, T, dv)
-        lse = torch.empty(B * H, T, dtype=torch.float32, device=q.device)
-        block_max = torch.empty(B * H, n_m, dtype=torch.float32, device=q.device)
-        fwd_kernel[(n_m, B * H)](q, k, v, out, lse, block_max, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                                  H, T, S, d, dv, n_m, scale, **cfg)
-        head_max = block_max.view(B, H, n_m).amax(dim=(0, 2))  # [H]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(head_max)
-        return out, head_max
 
-    @staticmethod
-    def backward(ctx, d_out: Tensor, _d_head_max):
-        from k2cli.model.triton_kernels import bwd_kv_kernel, bwd_q_kernel
+@torch.library.custom_op("k2::flash_attention_fwd", mutates_args=())
+def _fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> out [B, H, T, dv] (q's dtype), lse [B*H, T] float32, head_max [H] float32."""
+    from k2cli.model.triton_kernels import fwd_kernel
 
-        q, k, v, out, lse = ctx.saved_tensors
-        B, H, T, d = q.shape
-        S, dv = k.shape[2], v.shape[-1]
-        d_out = d_out.contiguous()
-        delta = (d_out.float() * out.float()).sum(-1).view(B * H, T)  # D = rowsum(dO * O)
-        cfg = _config(q, d, dv)
-        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out), H, T, S, d, dv, ctx.scale)
-        bwd_kv_kernel[(_cdiv(S, cfg["BLOCK_N"]), B * H)](q, k, v, d_out, lse, delta, dk, dvv, *common, **cfg)
-        bwd_q_kernel[(_cdiv(T, cfg["BLOCK_M"]), B * H)](q, k, v, d_out, lse, delta, dq, *common, **cfg)
-        return dq, dk, dvv, None
+    B, H, T, d = q.shape
+    S, dv = k.shape[2], v.shape[-1]
+    # contiguous, so that each gradient (allocated contiguous) shares its input's strides in the
+    # kernels; MLA's v is a slice of the up-projection (strided): one copy of [B, H, S, dv]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cfg = _config(q, d, dv)
+    n_m = _cdiv(T, cfg["BLOCK_M"])
+    out = q.new_empty(B, H, T, dv)
+    lse = torch.empty(B * H, T, dtype=torch.float32, device=q.device)
+    block_max = torch.empty(B * H, n_m, dtype=torch.float32, device=q.device)
+    fwd_kernel[(n_m, B * H)](q, k, v, out, lse, block_max, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                             H, T, S, d, dv, n_m, scale, **cfg)
+    return out, lse, block_max.view(B, H, n_m).amax(dim=(0, 2))
+
+
+@_fwd.register_fake
+def _(q, k, v, scale):
+    B, H, T, _ = q.shape
+    return (q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B * H, T, dtype=torch.float32),
+            q.new_empty(H, dtype=torch.float32))
+
+
+@torch.library.custom_op("k2::flash_attention_bwd", mutates_args=())
+def _bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (contiguous, in the inputs' dtypes)."""
+    from k2cli.model.triton_kernels import bwd_kv_kernel, bwd_q_kernel
+
+    B, H, T, d = q.shape
+    S, dv = k.shape[2], v.shape[-1]
+    q, k, v, out, d_out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), d_out.contiguous()
+    delta = (d_out.float() * out.float()).sum(-1).view(B * H, T)  # D = rowsum(dO * O)
+    cfg = _config(q, d, dv)
+    dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out), H, T, S, d, dv, scale)
+    bwd_kv_kernel[(_cdiv(S, cfg["BLOCK_N"]), B * H)](q, k, v, d_out, lse, delta, dk, dvv, *common, **cfg)
+    bwd_q_kernel[(_cdiv(T, cfg["BLOCK_M"]), B * H)](q, k, v, d_out, lse, delta, dq, *common, **cfg)
+    return dq, dk, dvv
+
+
+@_bwd.register_fake
+def _(d_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, d_out, _d_lse, _d_head_max):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd(d_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
@@ -166,4 +197,5 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _FlashAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+    out, _, head_max = _fwd(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+    return out, head_max.detach()
