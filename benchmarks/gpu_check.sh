@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The prepared device check: everything k2 must do on one GPU, inside a time budget, into one results file.
 #
-#   bash benchmarks/gpu_check.sh [BUDGET_S] [--budget S] [--out FILE] [--dry-run] [--cpu]
+#   bash benchmarks/gpu_check.sh [BUDGET_S] [--budget S] [--out FILE] [--wheels DIR] [--dry-run] [--cpu]
 #
 # Run from anywhere on a machine with torch (CUDA) and no network: it needs no k2 install (PYTHONPATH=src)
-# and uses $PYTHON, else .venv/bin/python, else python3. Steps, in order, each under `timeout`:
+# and uses $PYTHON, else .venv/bin/python, else python3. Python packages the machine lacks can travel as
+# wheels: --wheels DIR (default ./.whl when it exists) installs DIR/*.whl into a throwaway folder first.
+# Steps, in order, each under `timeout`:
 #   env        torch, CUDA, triton versions and the GPU's name
+#   deps       k2's other imports (the chain needs datasets, rich_click, jsonschema, ...): names the missing
 #   pytest     `pytest -m gpu`: bf16 training step, the Triton kernel vs the reference, MFU peak, bf16 generate
 #   bench-*    benchmarks/bench_model.py --sections gpu (small, then gpu preset): k2 eager / compiled vs
 #              transformers, tokens/s, MFU against the honest peak, the max-logit statistic's share
@@ -22,13 +25,15 @@ BUDGET=480
 RESULTS=""
 DRY=0
 FORCE_CPU=0
+WHEELS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) BUDGET="$2"; shift 2 ;;
         --out) RESULTS="$2"; shift 2 ;;
+        --wheels) WHEELS="$2"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
         --cpu) FORCE_CPU=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         [0-9]*) BUDGET="$1"; shift ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -48,6 +53,11 @@ mkdir -p "$LOGS"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/k2-gpu-check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 export K2_ARTIFACTS="$WORK/artifacts"
+[ -z "$WHEELS" ] && [ -d .whl ] && WHEELS=.whl
+if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WHEELS"/*.whl \
+        > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
 
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -59,7 +69,7 @@ DETAILS=""  # per-step log tails
 FAILED=0
 
 # name:weight of every step, in order (a step's share = time left x weight / weights still to run)
-STEPS="env:1 pytest:8 bench-small:6 bench-gpu:8 synth:1 rephrase:1 pretrain:3 midtrain:2 extend-context:2 agentic:1 sft:2 rl:3 eval:2 report:1"
+STEPS="env:1 deps:1 pytest:8 bench-small:6 bench-gpu:8 synth:1 rephrase:1 pretrain:3 midtrain:2 extend-context:2 agentic:1 sft:2 rl:3 eval:2 report:1"
 weight_left() {  # the summed weights of the step named $1 and all after it
     local seen=0 total=0 s
     for s in $STEPS; do
@@ -137,6 +147,17 @@ run_step env 0 "$PY" "$WORK/probe.py"
 grep -q '^cuda=1' "$LOGS/env.log" 2>/dev/null && HAVE_CUDA=1
 CUDA_DESC="$(head -n 1 "$LOGS/env.log" 2>/dev/null)"
 write_results
+
+# --- k2's imports beyond torch (what the CLI and the chain need; the model and the GPU tests need only rich
+# and safetensors): a missing one fails this step with its name, the chain's stages fail fast after it
+run_step deps 0 "$PY" -c '
+import importlib.util, sys
+need = ["click", "rich", "rich_click", "safetensors", "datasets", "tokenizers", "numpy", "matplotlib", "jsonschema"]
+optional = ["transformers", "triton"]  # the benchmark side / the attention kernel (sdpa without it)
+missing = [n for n in need if importlib.util.find_spec(n) is None]
+print("missing:", " ".join(missing) or "none")
+print("optional, missing:", " ".join(n for n in optional if importlib.util.find_spec(n) is None) or "none")
+sys.exit(1 if missing else 0)'
 
 # --- the GPU tests and the training benchmark
 run_step pytest 1 "$PY" -m pytest -q -m gpu -rfEs -p no:cacheprovider tests/test_gpu.py tests/test_triton_attention.py tests/test_mfu.py
