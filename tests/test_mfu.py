@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from k2cli.model.config import ModelConfig
 from k2cli.train import mfu
@@ -66,10 +65,10 @@ def test_mfu_example():
     assert mfu.mfu(300_000, per_token, 989.0 / 2.3) == pytest.approx(2.3 * value)
 
 
-def test_gpu_preset_on_cpu_warns(capsys):
+def test_gpu_preset_on_cpu_warns_once(capsys, monkeypatch):
+    monkeypatch.setattr(mfu, "_warned", set())
     mfu.training_peak_tflops("cpu", 1.0, ModelConfig.from_preset("gpu"))
     assert "sized for one GPU" in capsys.readouterr().err
+    assert not mfu.warn_if_gpu_preset_on_cpu(ModelConfig.from_preset("gpu"), "cpu")  # once per process
     mfu.training_peak_tflops("cpu", 1.0, ModelConfig.from_preset("tiny"))
     assert "sized for one GPU" not in capsys.readouterr().err
-
-

@@ -133,15 +133,25 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, devices
 
 # Model presets sized for a GPU: asking for one on a CPU is allowed, with a warning.
 GPU_PRESETS = ("gpu",)
+_warned: set = set()
+
+
+def warn_if_gpu_preset_on_cpu(model_config, device: torch.device | str) -> bool:
+    """One warning line (once per process and preset) when a GPU-sized preset is to run on a CPU.
+    A stage can call it as soon as it knows the model and the device; the training loop does."""
+    name = getattr(model_config, "name", None)
+    if torch.device(device).type != "cpu" or name not in GPU_PRESETS or name in _warned:
+        return False
+    _warned.add(name)
+    from k2cli.console import err
+
+    err.print(f"[yellow]warning:[/] the '{name}' preset is sized for one GPU: on this CPU every step takes "
+              "minutes (--preset tiny or small fit a CPU)")
+    return True
 
 
 def training_peak_tflops(device: torch.device | str, override: float = 0.0, model_config=None) -> float:
-    """What the training loop calls: the peak in TFLOP/s, and a one-line warning when a
-    GPU-sized model preset is about to train on a CPU."""
-    device = torch.device(device)
-    if model_config is not None and device.type == "cpu" and model_config.name in GPU_PRESETS:
-        from k2cli.console import err
-
-        err.print(f"[yellow]warning:[/] the '{model_config.name}' preset is sized for one GPU: on this CPU every "
-                  "step takes minutes (--preset tiny or small fit a CPU)")
+    """What the training loop calls: the MFU denominator in TFLOP/s (and the GPU-preset warning)."""
+    if model_config is not None:
+        warn_if_gpu_preset_on_cpu(model_config, device)
     return device_peak(device, override).tflops
