@@ -40,15 +40,19 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import torch
 from torch import Tensor
 
-_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up once: no import, no cost per call
+# Looked up once: no import, no cost per call. K2_TRITON=0 turns the kernel off (PyTorch's fused
+# attention and a separate statistic pass instead), e.g. if it fails to build on some GPU.
+_AVAILABLE = importlib.util.find_spec("triton") is not None and os.environ.get("K2_TRITON", "1") != "0"
 
 
 def available() -> bool:
-    """Is triton installed? (optional: Linux x86-64 wheels only; attention.py falls back without it)"""
+    """Is triton installed (and not turned off by K2_TRITON=0)? Optional: Linux x86-64 wheels only;
+    attention.py falls back to sdpa without it."""
     return _AVAILABLE
 
 
