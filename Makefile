@@ -3,7 +3,7 @@
 #   make demo      the tiny end-to-end pipeline on CPU, ending in a report (13 min on 2 idle cores)
 #   make pipeline PRESET=small   the same chain at single-GPU scale
 #   make test      the test suite
-#   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md)
+#   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md; on CUDA: bf16, MFU)
 #   make reproduce the K2 report's claims re-measured at small scale (reproduce/REPORT.md)
 #   make reproduce-quick   the same experiments at micro size, a smoke run in minutes
 #

@@ -16,6 +16,10 @@ Sections (each measured in this one process; k2 and transformers interleaved cal
   mfu        model FLOPs utilisation of the training step against the matmul peak, timed in the same rounds.
   moe        the MoE layer (router, dispatch, experts, combine) vs a dense SwiGLU MLP with the
              same active FLOPs, forward + backward; transformers' MoE layer on the same weights.
+  gpu        (CUDA only; with decode, the default there) the bf16 training step (autocast, fp32 parameters) of the
+             small and gpu presets: k2 eager and torch.compile'd vs transformers, tokens/s, MFU against
+             the honest peak (k2cli.train.mfu: datasheet dense bf16, the same figure the training loop
+             logs), and the max-logit statistic's share of the step.
 
 --quick is a smoke run (tiny preset, small shapes, few repeats) that prints and writes nothing.
 """
@@ -48,8 +52,13 @@ from k2cli.model.moe import DenseMLP, update_router_biases  # noqa: E402
 from k2cli.model.transformer import ForwardStats, build_model  # noqa: E402
 from k2cli.optim.muon import OptimConfig, build_optimizer, orthogonalize  # noqa: E402
 from k2cli.train.lm_task import LMTask  # noqa: E402
+from k2cli.train.mfu import device_peak, mfu  # noqa: E402
 
-SECTIONS = ("train", "breakdown", "decode", "mfu", "moe")
+SECTIONS = ("train", "breakdown", "decode", "mfu", "moe", "gpu")
+# Defaults: a CPU runs the float32 sections (their MFU is against a float32 matmul timed in the same
+# rounds); CUDA runs the bf16 training section (MFU against k2cli.train.mfu's peak) and decoding.
+CPU_SECTIONS = ("train", "breakdown", "decode", "mfu", "moe")
+CUDA_SECTIONS = ("gpu", "decode")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -301,6 +310,98 @@ def bench_moe(preset: str, batch: int, seq: int, repeats: int, device: str) -> d
     return {"preset": preset, "shape": f"{batch}x{seq}", "moe": t_moe, "dense": t_dense, "hf": t_hf, "width": width}
 
 
+# ----------------------------------------------------------------------------- 6. GPU: bf16 training step
+
+
+def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cuda", dtype=torch.bfloat16,
+              compile: bool = True) -> dict:
+    """One bf16 training step (forward + backward, autocast over fp32 parameters as the loop's
+    precision=auto does), timed interleaved:
+      k2        the default path: Triton flash attention (the statistic for free) when triton imports
+      k2_plain  no statistic, PyTorch's fused attention (sdpa): the cheapest step without it
+      k2_sdpa   sdpa + the statistic as a separate pass (k2 before the Triton kernel)
+      k2_compiled  torch.compile(k2), statistic on
+      hf        transformers' DeepseekV3 on the same weights (sdpa, grouped_mm experts)
+    """
+    from k2cli.model import attention
+    from k2cli.model.triton_attention import available as triton_available
+
+    cfg, model, hf = load_pair(preset, device)
+    model.train(), hf.train()
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    kind = torch.device(device).type
+    amp = lambda: torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+
+    def k2_step(m, track, backend="auto"):
+        def run():
+            attention.ATTENTION_BACKEND = backend
+            with amp():
+                stats = ForwardStats(track_max_logits=track)
+                logits = m(inputs, stats=stats)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            attention.ATTENTION_BACKEND = "auto"
+        return run
+
+    def hf_step():
+        with amp():
+            logits = hf(inputs).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    fns = {"k2": k2_step(model, True), "k2_plain": k2_step(model, False, "sdpa"),
+           "k2_sdpa": k2_step(model, True, "sdpa"), "hf": hf_step}
+    compiled, t_compile, compile_error = torch.compile(model), float("nan"), "not asked"
+    try:
+        if not compile:
+            raise RuntimeError("not asked")
+        sync()
+        t0 = time.perf_counter()
+        k2_step(compiled, True)()  # the first call compiles
+        sync()
+        t_compile = time.perf_counter() - t0
+        fns["k2_compiled"] = k2_step(compiled, True)
+    except Exception as e:  # reported in the table, not hidden: the other columns still mean something
+        compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    t = time_interleaved(fns, repeats, warmup=2)
+    tokens = batch * seq
+    peak = device_peak(device)
+    per_token = cfg.flops_per_token(seq)["train"]  # the training loop's convention (full attention square)
+    row = {"preset": preset, "shape": f"{batch}x{seq}", "tokens": tokens, "peak": str(peak), "triton": triton_available(),
+           "t_compile": t_compile, "compile_error": compile_error,
+           "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if kind == "cuda" else float("nan")}
+    for name, sec in t.items():
+        row[f"tps_{name}"] = tokens / sec
+        row[f"mfu_{name}"] = mfu(tokens / sec, per_token, peak.tflops)
+    row["stat_share"] = (t["k2"] - t["k2_plain"]) / t["k2"]  # what the statistic (and its kernel) costs
+    row["stat_share_sdpa"] = (t["k2_sdpa"] - t["k2_plain"]) / t["k2_sdpa"]
+    row["ratio_hf"] = t["hf"] / t["k2"]
+    if "k2_compiled" in t:
+        row["ratio_hf_compiled"] = t["hf"] / t["k2_compiled"]
+    del model, hf, compiled
+    if kind == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def gpu_table(rows) -> str:
+    lines = ["| preset | shape | k2 tokens/s (MFU) | k2 compiled | transformers | k2 / transformers | compiled / "
+             "transformers | statistic's share: Triton / sdpa + pass | compile s | peak memory |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        comp = (f"{r['tps_k2_compiled']:,.0f} ({100 * r['mfu_k2_compiled']:.1f}%)" if "tps_k2_compiled" in r
+                else f"failed: {r['compile_error']}")
+        lines.append(
+            f"| {r['preset']} | {r['shape']} | {r['tps_k2']:,.0f} ({100 * r['mfu_k2']:.1f}%) | {comp} | "
+            f"{r['tps_hf']:,.0f} ({100 * r['mfu_hf']:.1f}%) | **{r['ratio_hf']:.2f}x** | "
+            f"{r.get('ratio_hf_compiled', float('nan')):.2f}x | {100 * r['stat_share']:.1f}% / "
+            f"{100 * r['stat_share_sdpa']:.1f}% | {r['t_compile']:.0f} | {r['memory_gib']:.1f} GiB |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -323,7 +424,10 @@ def breakdown_table(b: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="tiny,small", help="for the train, decode and moe sections")
-    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--gpu-presets", default="small,gpu", help="for the gpu section")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated, from {','.join(SECTIONS)} (default: {','.join(CPU_SECTIONS)} on a CPU, "
+                         f"{','.join(CUDA_SECTIONS)} on CUDA)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny preset, small shapes, few repeats; writes nothing")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a machine shared with other jobs, multi-threaded kernels stall on "
@@ -334,7 +438,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = [s for s in args.sections.split(",") if s]
+    default = CUDA_SECTIONS if args.device.startswith("cuda") else CPU_SECTIONS
+    sections = [s for s in (args.sections or ",".join(default)).split(",") if s]
     for s in sections:
         if s not in SECTIONS:
             ap.error(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
@@ -436,6 +541,26 @@ def main():
             "### MoE dispatch efficiency (forward + backward)\n\nOne MoE layer (router, sort by expert, grouped matmuls, "
             "scatter-add combine, shared expert) against a dense SwiGLU MLP as wide as the active experts "
             "((top-k + shared) x expert width): 1.00x would be a free dispatch.\n\n" + "\n".join(lines))
+
+    if "gpu" in sections:
+        if not args.device.startswith("cuda"):
+            out.append("### GPU: bf16 training step\n\nSkipped: no CUDA device (this section measures only on a GPU).")
+        else:
+            shapes = {"tiny": (16, 256), "small": (16, 1024), "gpu": (8, 2048)}
+            rows = []
+            for preset in (["small"] if quick else args.gpu_presets.split(",")):
+                b_, t_ = (4, 256) if quick else shapes.get(preset, (8, 1024))
+                rows.append(bench_gpu(preset, b_, t_, 2 if quick else 5, args.device))
+                say(rows[-1])
+            out.append(
+                "### GPU: bf16 training step (forward + backward), k2 vs transformers\n\n"
+                "Autocast bf16 over fp32 parameters (the training loop's precision=auto), same exported weights, "
+                "median of interleaved rounds. MFU = tokens/s x training FLOPs per token (`k2 model info`: 6 x active "
+                f"matmul parameters + the full attention square) / the peak ({rows[0]['peak']}; the figure the "
+                "training loop logs against). k2 computes the max-logit statistic (QK-Clip) and the balance loss; "
+                "its share is the step with it (Triton flash attention) against the step without it (sdpa), and "
+                "the same for the old path (sdpa + a separate statistic pass). Triton installed: "
+                f"{rows[0]['triton']}.\n\n" + gpu_table(rows))
 
     wall = time.perf_counter() - t_begin
     body = ("## Model: k2 vs transformers DeepseekV3 (same exported weights), and vs the machine's matmul peak\n\n"

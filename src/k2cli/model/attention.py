@@ -29,6 +29,7 @@ from k2cli.model.blocked_attention import causal_attention, max_logit_per_head
 from k2cli.model.config import ModelConfig
 from k2cli.model.norm import RMSNorm
 from k2cli.model.rope import apply_rope, softmax_scale
+from k2cli.model.triton_attention import flash_attention, use_triton
 
 # Decode with the absorbed form when a call brings at most this many new tokens on top of
 # a cache; longer chunks (prefill) are cheaper expanded.
@@ -99,8 +100,8 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([dn, self.dv], dim=-1)
         k = torch.cat((k_nope, k_rope[:, None].expand(B, H, S, dr)), dim=-1)  # [B, H, S, dn+dr]
         q = torch.cat((q_nope, q_rope), dim=-1)
-        if mask is None and use_blocked(q):
-            out, head_max = causal_attention(q, k, v, self.softmax_scale)  # [B, H, T, dv], [H]
+        if mask is None and (use_blocked(q) or use_triton(q)):  # the statistic for free: blocked (CPU), Triton (CUDA)
+            out, head_max = (causal_attention if use_blocked(q) else flash_attention)(q, k, v, self.softmax_scale)
             if max_logits is not None:
                 max_logits.append(head_max)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))

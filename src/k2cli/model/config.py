@@ -298,6 +298,38 @@ PRESETS: dict[str, ModelConfig] = {
         routed_scaling_factor=2.0,
         max_position_embeddings=1024,
     ),
+    # ~1.9B total, ~380M active: one H100/H200 in bf16. Chosen by arithmetic, not yet measured (no GPU was
+    # lent to the task that made it; docs/gpu.md):
+    #   * K2's head shape exactly (qk 128 + 64 rope = 192, v 128) and K2's ratios: MLA with low-rank q/kv,
+    #     64 fine-grained experts (K2: 384) of width D/3, top-6 + 1 shared, sigmoid routing, layer 0 dense.
+    #   * every matmul fills the tensor cores: at 32 x 2048 = 65K tokens per micro-batch each expert sees
+    #     65K x 6 / 64 = 6K rows of [6K, 1536] x [1536, 512], ~360 FLOP/byte in bf16, at an H100's ridge
+    #     point (989 TFLOP/s / 3.35 TB/s = 295); D = 1536 keeps attention/LM-head projections >= 1536 wide.
+    #   * FLOPs per token at 2048 (`k2 model info --preset gpu`): training 2.55 GFLOP = 6 x 330M matmul
+    #     parameters (78%) + causal-square attention (22%); the LM head is 12%. At 40% MFU an H100 trains
+    #     989e12 x 0.4 / 2.55e9 = 155K tokens/s: the pretrain recipe's 2000 x 64 x 2048 tokens in ~30 min.
+    #   * memory: 1.9B fp32 parameters + gradients + Muon/AdamW state ~ 24 GB, activations of a 16 x 2048
+    #     micro-batch in bf16 a few tens of GB: inside 80 GB.
+    "gpu": ModelConfig(
+        name="gpu",
+        vocab_size=32768,
+        hidden_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        q_lora_rank=768,
+        kv_lora_rank=256,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        intermediate_size=4096,
+        moe_intermediate_size=512,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=2048,
+    ),
     "kimi-k2": _kimi_k2(),
 }
 

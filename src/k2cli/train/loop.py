@@ -40,7 +40,8 @@ from k2cli.optim.muon import OptimConfig, build_optimizer
 from k2cli.optim.schedule import ScheduleConfig, lr_at
 from k2cli.train import distributed as dist
 from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
-from k2cli.train.progress import MetricsLog, TrainProgress, measure_matmul_peak
+from k2cli.train.mfu import training_peak_tflops
+from k2cli.train.progress import MetricsLog, TrainProgress
 
 
 @dataclass
@@ -217,7 +218,7 @@ def train(
     if cfg.compile:
         forward_model = torch.compile(forward_model)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
-    peak = cfg.peak_tflops or measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peak = training_peak_tflops(device, cfg.peak_tflops, model.config)  # TFLOP/s, the MFU denominator (train/mfu.py)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
     amp = autocast_for(device, cfg.precision)
     progress = TrainProgress(title, cfg.steps, start, enabled=dist.is_main())

@@ -1,4 +1,4 @@
-"""What a training run shows and records: a rich live line, metrics.jsonl, the MFU estimate."""
+"""What a training run shows and records: a rich live line, metrics.jsonl (the MFU peak: mfu.py)."""
 
 from __future__ import annotations
 
@@ -84,17 +84,3 @@ class TrainProgress:
         if self.live:
             self.progress.stop()
 
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 3) -> float:
-    """This device's dense matmul throughput in TFLOP/s: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
