@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from k2cli.model.config import RopeScaling
-from k2cli.model.hf import from_hf_state_dict, read_hf_config, read_hf_weights, write_hf_dir
+from k2cli.model.hf import from_hf_state_dict, write_hf_dir
+from k2cli.model.hf_checkpoint import read_hf_config, read_hf_weights
 from k2cli.model.io import state_dict_for_saving
 from k2cli.model.transformer import build_model
 
