@@ -200,8 +200,10 @@ def iter_hf_tensors(ckpt: HFCheckpoint, keep: Callable[[str], bool] = lambda nam
 
 
 def _read(f, name: str, file: str) -> torch.Tensor:
+    """A tensor that owns its memory: safetensors hands out views of the file's memory map, and
+    keeping one would keep the whole shard's pages resident after the reader has moved on."""
     try:
-        return f.get_tensor(name)
+        return f.get_tensor(name).clone()
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise K2Error(f"cannot read tensor '{name}' from {file}: {e}", "the checkpoint is damaged; re-download it")
 
