@@ -187,7 +187,8 @@ def export_cmd(ref, fmt, dtype, out, force):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tok = ", tokenizer" if copied else ", no tokenizer (the artifact has none)"
-    info(f"[green]exported[/] {art.id} -> {dest} (DeepseekV3ForCausalLM, {dtype}{tok}; stops at token ids {eos})")
+    stops = f"stops at token ids {eos}" if eos else "no stop token: the model has no eos_token_id"
+    info(f"[green]exported[/] {art.id} -> {dest} (DeepseekV3ForCausalLM, {dtype}{tok}; {stops})")
     if note:
         info(f"[yellow]note[/] {note}")
 
