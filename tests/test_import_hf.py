@@ -253,7 +253,6 @@ import json, sys
 from pathlib import Path
 
 import torch  # everything imported before the measurement starts
-from k2cli.cli import cli
 from k2cli.model.hf import from_hf_state_dict, expected_shapes
 from k2cli.model.hf_checkpoint import open_hf_checkpoint, read_hf_weights
 from k2cli.model.transformer import K2Model
@@ -266,6 +265,8 @@ def status(field):
 
 
 mode, src, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+if mode == "import":
+    from k2cli.cli import cli
 expected_shapes(open_hf_checkpoint(src).config)  # warm the meta-model path
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current resident size
