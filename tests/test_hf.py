@@ -96,7 +96,7 @@ def test_import_round_trips_bit_exactly(tiny_cfg, tmp_path):
 
 
 def test_import_of_a_checkpoint_saved_by_transformers(tmp_path, k2):
-    """A model created and saved by transformers itself (with an MTP layer) imports and matches."""
+    """A model created and saved by transformers itself imports and matches (MTP layers: test_import_hf.py)."""
     config = transformers.DeepseekV3Config(
         vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,

@@ -52,9 +52,6 @@ class HFCheckpoint:
     weight_map: dict[str, str]  # tensor name -> file name (inside directory)
     block: tuple[int, int] | None  # FP8 block shape (rows, cols), None when not quantised
 
-    def source(self, name: str) -> str:
-        return f"{self.directory / self.weight_map[name]}"
-
 
 # ----------------------------------------------------------------------------- config.json
 
@@ -195,7 +192,8 @@ def iter_hf_tensors(ckpt: HFCheckpoint, keep: Callable[[str], bool] = lambda nam
                                   "the checkpoint is damaged; re-download it")
                 t = _read(f, name, file)
                 if t.dtype in FP8_DTYPES:
-                    t = dequantize_fp8(t, _scale(ckpt, f, file, name, t), ckpt.block or (0, 0), name)
+                    scale = _scale(ckpt, f, file, name, t)  # (raises unless config and scale are there)
+                    t = dequantize_fp8(t, scale, ckpt.block, name)
                 yield name, t
 
 
