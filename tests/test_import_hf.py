@@ -245,6 +245,12 @@ def test_kimi_k2_fp8_checkpoint_dequantises_and_matches_transformers(k2, tmp_pat
         assert (tmp_path / "auto" / name).read_bytes() == (src / name).read_bytes(), name
     assert not list((tmp_path / "auto").glob("*.py"))
 
+    # exported again, the checkpoint's own generation config (its <|im_end|> = 258) still stops generation
+    k2("export", tmp_path / "auto", "--out", tmp_path / "export")
+    generation = json.loads((tmp_path / "export" / "generation_config.json").read_text())
+    assert 258 in generation["eos_token_id"] and generation["max_length"] == 128
+    assert (tmp_path / "export" / "tiktoken.model").read_bytes() == (src / "tiktoken.model").read_bytes()
+
 
 # ----------------------------------------------------------------------------- memory
 

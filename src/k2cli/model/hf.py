@@ -362,11 +362,13 @@ def stop_token_ids(directory: Path, cfg: ModelConfig) -> tuple[list[int], dict, 
         import transformers
 
         transformers.logging.set_verbosity_error()
-        tok = transformers.AutoTokenizer.from_pretrained(str(directory))
+        tok = transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # never run its code
     except ImportError:
         return _unique(ids), generation, "install transformers (pip install 'k2cli[hf]') so export can find the chat template's end-of-turn token"
     except Exception as e:  # a tokenizer that needs remote code, a damaged file: keep what we have
-        return _unique(ids), generation, f"transformers cannot load the tokenizer ({str(e).splitlines()[0][:120]}); stop tokens are {ids}"
+        why = "it needs the checkpoint's Python code" if "custom code" in str(e) else str(e).splitlines()[0][:120]
+        return _unique(ids), generation, (f"transformers cannot load the tokenizer on its own ({why}), so the chat "
+                                          f"template's end of turn is not known; stop tokens are {_unique(ids)}")
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     end_of_turn = None
