@@ -153,14 +153,18 @@ def _available_memory() -> int | None:
 @click.command("export")
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True, help="Output format.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Storage type of the weights (bf16 halves the size; the router's bias stays fp32).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def export_cmd(ref, fmt, out, force):
+def export_cmd(ref, fmt, dtype, out, force):
     """Export a model artifact to Hugging Face DeepseekV3 format (transformers, vLLM, lm-eval).
 
+    Writes config.json, generation_config.json, model.safetensors and the model's tokenizer with
+    its chat template; generation stops at end of text and at the template's end of turn.
     Load it with `transformers.AutoModelForCausalLM.from_pretrained(OUT)`.
     """
-    from k2cli.model.hf import write_hf_dir
+    from k2cli.model.hf import EXPORT_DTYPES, stop_token_ids, write_hf_dir
     from k2cli.model.io import copy_tokenizer_files, load_model, state_dict_for_saving
 
     dest = Path(out)
@@ -173,49 +177,83 @@ def export_cmd(ref, fmt, out, force):
     except OSError as e:
         raise K2Error(f"cannot write to {dest.parent}: {e.strerror}", "choose a writable --out")
     try:
-        write_hf_dir(state_dict_for_saving(model), model.config, tmp)
         copied = copy_tokenizer_files(art.path, tmp)
+        eos, generation, note = stop_token_ids(tmp, model.config)
+        write_hf_dir(state_dict_for_saving(model), model.config, tmp, EXPORT_DTYPES[dtype], eos, generation)
+        _share(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    info(f"[green]exported[/] {art.id} -> {dest} (DeepseekV3ForCausalLM{', tokenizer' if copied else ''})")
+    tok = ", tokenizer" if copied else ", no tokenizer (the artifact has none)"
+    stops = f"stops at token ids {eos}" if eos else "no stop token: the model has no eos_token_id"
+    info(f"[green]exported[/] {art.id} -> {dest} (DeepseekV3ForCausalLM, {dtype}{tok}; {stops})")
+    if note:
+        info(f"[yellow]note[/] {note}")
+
+
+def _share(directory: Path) -> None:
+    """World-readable like any published checkpoint: directories 0755, files 0644."""
+    os.chmod(directory, 0o755)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o755)
+        for f in files:
+            os.chmod(Path(root) / f, 0o644)
 
 
 @click.command("import-hf")
 @click.argument("directory", type=click.Path())
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Storage type of the imported matrices. auto: bf16 when config.json says bfloat16 (DeepSeek-V3, "
+                   "Kimi K2: FP8 weights are dequantised to it), else fp32. Norms and router biases stay fp32.")
 @click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root (default: import).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def import_hf_cmd(directory, out, force):
-    """Import a Hugging Face DeepseekV3 / Kimi K2 checkpoint directory as a model artifact."""
+def import_hf_cmd(directory, dtype, out, force):
+    """Import a Hugging Face DeepseekV3 / Kimi K2 checkpoint directory as a model artifact.
+
+    Reads sharded safetensors one shard at a time, dequantises FP8 block-quantised weights
+    (weight_scale_inv), skips layers beyond num_hidden_layers (multi-token prediction) and
+    carries the tokenizer files, chat template and generation_config.json over verbatim
+    (a tokenization_*.py is never copied or run).
+    """
+    from k2cli.model.hf import LAYER_KEY, from_hf_state_dict, ignored_key
+    from k2cli.model.hf_checkpoint import SCALE_SUFFIX, iter_hf_tensors, open_hf_checkpoint
+    from k2cli.model.io import copy_tokenizer_files, save_state_dict_files
+
+    src = Path(directory)
+    ckpt = open_hf_checkpoint(src)
+    cfg = ckpt.config
+    target = _import_dtype(dtype, ckpt.hf)
+    tensors = iter_hf_tensors(ckpt, keep=lambda name: not ignored_key(name, cfg))
+    sd, _ = from_hf_state_dict(tensors, cfg, target, source=str(src))
+    skipped = [k for k in ckpt.weight_map if ignored_key(k, cfg) and not k.endswith(SCALE_SUFFIX)]
+    skipped_layers = sorted({int(m.group(1)) for k in skipped if (m := LAYER_KEY.match(k))})
+    recipe = {"model": cfg.to_dict(), "source": str(src.resolve()), "dtype": str(target).removeprefix("torch.")}
+    with ArtifactWriter(stage="import", kind="model", out=out, recipe=recipe, force=force) as w:
+        save_state_dict_files(sd, cfg, w.dir)
+        carried = copy_tokenizer_files(src, w.dir)
+        w.metrics = {"params_total": cfg.param_counts()["total"], "ignored_keys": len(skipped),
+                     "fp8_dequantised": ckpt.block is not None, "tokenizer_files": len(carried)}
+        art = w.commit(summary=f"imported from {directory}")
+    info(f"[green]imported[/] {directory} -> {art.path} ({art.id}), {w.metrics['params_total']:,} parameters in "
+         f"{recipe['dtype']}" + (f", FP8 {ckpt.block[0]}x{ckpt.block[1]} blocks dequantised" if ckpt.block else ""))
+    if skipped:
+        info(f"[yellow]note[/] skipped {len(skipped)} tensors of layers {skipped_layers or ''} beyond num_hidden_layers="
+             f"{cfg.num_hidden_layers} (multi-token prediction), and rotary caches")
+    code = sorted(p.name for p in src.glob("*.py"))
+    info(f"[green]carried[/] {', '.join(carried)}" if carried else "[yellow]note[/] the checkpoint has no tokenizer files")
+    if code:
+        info(f"[yellow]note[/] not copied: {', '.join(code)} (remote code is never run; k2 reads the data files)")
+
+
+def _import_dtype(choice: str, hf: dict):
     import torch
 
-    from k2cli.model.hf import from_hf_state_dict, read_hf_config, read_hf_weights
-    from k2cli.model.io import copy_tokenizer_files, save_model_files
-    from k2cli.model.transformer import K2Model
-
-    cfg = read_hf_config(Path(directory))
-    sd, ignored = from_hf_state_dict(read_hf_weights(Path(directory)), cfg)
-    with torch.device("meta"):
-        model = K2Model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise K2Error(
-            f"{directory}: weights do not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            "the checkpoint is incomplete or not DeepseekV3",
-        )
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    recipe = {"model": cfg.to_dict(), "source": str(Path(directory).resolve())}
-    with ArtifactWriter(stage="import", kind="model", out=out, recipe=recipe, force=force) as w:
-        save_model_files(model, w.dir)
-        copy_tokenizer_files(Path(directory), w.dir)
-        w.metrics = {"params_total": cfg.param_counts()["total"], "ignored_keys": len(ignored)}
-        art = w.commit(summary=f"imported from {directory}")
-    note = f" (ignored {len(ignored)} keys, e.g. multi-token-prediction layers)" if ignored else ""
-    info(f"[green]imported[/] {directory} -> {art.path} ({art.id}){note}")
+    if choice != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+    return torch.bfloat16 if (hf.get("torch_dtype") or hf.get("dtype")) == "bfloat16" else torch.float32
 
 
 COMMANDS = [model_group, export_cmd, import_hf_cmd]

@@ -7,17 +7,20 @@ with per-expert keys. Our module names already mirror HF's, so the adapter only
   * adds the `model.` prefix (everything but `lm_head`),
   * splits our fused expert tensors into per-expert matrices (and joins them back),
   * maps the config (q_lora_rank 0 <-> null, rope scaling, NTK as a rescaled rope_theta).
+
+Reading checkpoint directories (shards, FP8 scales) lives in `hf_checkpoint.py`; this module
+is the format: config fields, tensor names and shapes, and what an export writes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from k2cli.errors import K2Error
 from k2cli.model.config import ModelConfig, RopeScaling
@@ -26,12 +29,17 @@ EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj
 FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def to_hf_config(cfg: ModelConfig) -> dict:
+def to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, eos_token_ids: list[int] | None = None) -> dict:
+    """config.json for transformers. `eos_token_ids`: every token that ends a generation (the
+    model's end-of-text and its chat template's end-of-turn); a list when there are several."""
     rope_theta = cfg.rope_theta
     rope_scaling = None
     rs = cfg.rope_scaling
@@ -89,24 +97,34 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "attention_dropout": 0.0,
         "num_nextn_predict_layers": 0,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "eos_token_id": _one_or_list(eos_token_ids) if eos_token_ids else cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
-        "torch_dtype": "float32",
+        "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+        "dtype": TORCH_DTYPE_NAMES[dtype],
         "use_cache": True,
     }
     return out
 
 
+def _one_or_list(ids: list[int]):
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    if model_type not in HF_MODEL_TYPES and "DeepseekV3ForCausalLM" not in archs:
-        raise K2Error(
-            f"{source} describes a '{model_type or archs}' model, not DeepseekV3",
-            "k2 imports DeepseekV3ForCausalLM checkpoints (DeepSeek-V3, Kimi K2 layout)",
-        )
+    supported = f"k2 imports {HF_ARCHITECTURE} checkpoints (model_type {' or '.join(HF_MODEL_TYPES)}: DeepSeek-V3, Kimi K2)"
+    if model_type not in HF_MODEL_TYPES and HF_ARCHITECTURE not in archs:
+        found = f"model_type '{model_type}'" + (f" ({', '.join(map(str, archs))})" if archs else "")
+        if isinstance(hf.get("text_config"), dict):
+            found += f" with a nested text_config (model_type '{hf['text_config'].get('model_type')}')"
+        raise K2Error(f"{source} describes a {found} model, which k2 cannot import", supported)
     if hf.get("attention_bias"):
         raise K2Error(f"{source}: attention_bias=true is not supported", "k2 models have no attention biases")
+    # Variants of the DeepseekV3 class k2's model does not compute (DeepSeek-V2's softmax routing, ...).
+    for field_, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("hidden_act", "silu"), ("moe_layer_freq", 1)):
+        if hf.get(field_, want) != want:
+            raise K2Error(f"{source}: {field_}={hf[field_]!r} is not supported", f"k2's MoE model has {field_}={want!r}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     rtype = rope.get("rope_type", rope.get("type", "default"))
@@ -189,96 +207,191 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+def ignored_key(key: str, cfg: ModelConfig) -> bool:
+    """Tensors an import leaves out: layers beyond num_hidden_layers (DeepSeek-V3's multi-token-
+    prediction layer 61) and rotary caches some old checkpoints store."""
+    m = LAYER_KEY.match(key)
+    return bool(m and int(m.group(1)) >= cfg.num_hidden_layers) or key.endswith("rotary_emb.inv_freq")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Our state-dict keys -> shapes, from the model built on the meta device (nothing allocated)."""
+    from k2cli.model.transformer import K2Model
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in K2Model(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def from_hf_state_dict(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    cfg: ModelConfig,
+    dtype: torch.dtype | None = None,
+    source: str = "the checkpoint",
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF keys (per-expert on disk, or fused as transformers 5 holds them in memory) -> ours.
 
-    Returns (state dict, ignored keys): multi-token-prediction layers beyond
-    num_hidden_layers (DeepSeek-V3 ships one) are ignored, and reported.
+    `tensors` may be a dict or a stream of (key, tensor) pairs (one shard at a time): each
+    per-expert matrix is copied straight into its slot of the fused [E, ...] tensor, so the
+    output is the only full copy. Every tensor's shape is checked against the config.
+    `dtype` casts matrices (None keeps each tensor's own); vectors (norms, router bias) are
+    kept in float32. Returns (state dict, ignored keys).
     """
+    want = expected_shapes(cfg)
+    I, E = cfg.moe_intermediate_size, cfg.n_routed_experts
     out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    ignored = []
-    for key, t in sd.items():
-        m = LAYER_KEY.match(key)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
-            ignored.append(key)
-            continue
-        if key.endswith("rotary_emb.inv_freq"):
+    experts: dict[str, torch.Tensor] = {}  # fused [E, ...] tensors being filled expert by expert
+    filled: dict[tuple[int, str], set[int]] = {}
+    ignored, unknown = [], []
+    for key, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if ignored_key(key, cfg):
             ignored.append(key)
             continue
         m = EXPERT_KEY.match(key)
-        if m:
-            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = t
+        if m:  # one expert's matrix -> its slot in the fused tensor
+            layer, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            fused = f"layers.{layer}.mlp.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if fused not in want or e >= E:
+                unknown.append(key)
+                continue
+            if fused not in experts:
+                experts[fused] = torch.empty(want[fused], dtype=dtype or t.dtype)
+            w = experts[fused]
+            slot = {"gate_proj": w[e, :I], "up_proj": w[e, I:], "down_proj": w[e]}[proj]
+            _check_shape(key, t, slot.shape, source)
+            slot.copy_(t)
+            filled.setdefault((layer, proj), set()).add(e)
             continue
-        if key == "lm_head.weight":
-            out[key] = t
-        elif key.startswith("model."):
-            out[key[len("model.") :]] = t
-        else:
-            ignored.append(key)
-    E = cfg.n_routed_experts
-    layers = sorted({layer for layer, _ in experts})
-    for layer in layers:
-        parts = {}
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            got = experts.get((layer, proj), {})
-            if sorted(got) != list(range(E)):
-                raise K2Error(
-                    f"layer {layer}: expected {E} experts' {proj}, found {len(got)}",
-                    "the checkpoint is incomplete or its config does not match its weights",
-                )
-            parts[proj] = torch.stack([got[e] for e in range(E)])
-        base = f"layers.{layer}.mlp.experts"
-        out[f"{base}.gate_up_proj"] = torch.cat((parts["gate_proj"], parts["up_proj"]), dim=1)
-        out[f"{base}.down_proj"] = parts["down_proj"]
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+        ours = key[len("model.") :] if key.startswith("model.") else key
+        if ours not in want:
+            if not (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                unknown.append(key)
+            continue
+        _check_shape(key, t, want[ours], source)
+        out[ours] = t if dtype is None else t.to(dtype if t.dim() >= 2 else torch.float32)
+    if unknown:
+        raise K2Error(
+            f"{source} has {len(unknown)} tensors that are not part of a DeepseekV3 model with its config.json "
+            f"(e.g. {', '.join(unknown[:3])})",
+            "the checkpoint's config.json does not describe its weights",
+        )
+    out |= {k: v for k, v in experts.items() if k not in out}
+    missing = []
+    for key in want:
+        m = FUSED_KEY.match("model." + key)
+        if m is None or key not in experts:  # (a fused tensor may also come whole, as transformers 5 holds it)
+            if key not in out:
+                missing.append("model." + key if key != "lm_head.weight" else key)
+            continue
+        layer = int(m.group(1))
+        for proj in ("gate_proj", "up_proj") if m.group(2) == "gate_up_proj" else ("down_proj",):
+            missing += [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                        for e in sorted(set(range(E)) - filled.get((layer, proj), set()))]
+    if missing:
+        raise K2Error(
+            f"{source} lacks {len(missing)} tensors its config.json needs (e.g. {', '.join(missing[:3])})",
+            "the checkpoint is incomplete, or its config.json does not match its weights",
+        )
     return out, ignored
+
+
+def _check_shape(key: str, t: torch.Tensor, want: torch.Size, source: str) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise K2Error(
+            f"tensor '{key}' in {source} has shape {list(t.shape)}, but config.json implies {list(want)}",
+            "the checkpoint's config.json does not match its weights",
+        )
 
 
 # ----------------------------------------------------------------------------- directories
 
 
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+def write_hf_dir(
+    sd: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    eos_token_ids: list[int] | None = None,
+    generation: dict | None = None,
+) -> None:
+    """config.json + generation_config.json + model.safetensors, as save_pretrained writes them.
+
+    `dtype` is the storage type of the weights; the router's correction bias stays float32,
+    as in DeepSeek-V3's and Kimi K2's own checkpoints (it decides routing by small margins).
+    `generation`: defaults to keep (a checkpoint's own generation_config.json)."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    try:
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
-            for name in files:
-                sd.update(load_file(str(directory / name)))
-            return sd
-        single = directory / "model.safetensors"
-        if single.is_file():
-            return load_file(str(single))
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise K2Error(f"cannot read the weights in {directory}: {e}", "the checkpoint is damaged")
-    if list(directory.glob("*.bin")):
-        raise K2Error(f"{directory} holds PyTorch .bin weights", "re-save it with safe_serialization=True")
-    raise K2Error(f"{directory} has no safetensors weights", "pass a directory written by save_pretrained")
-
-
-def read_hf_config(directory: Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
-    if not Path(directory).is_dir():
-        raise K2Error(f"not a directory: {directory}", "pass a Hugging Face model directory")
-    if not path.is_file():
-        raise K2Error(f"{directory} has no config.json", "pass a Hugging Face model directory")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise K2Error(f"corrupt {path}: {e}", "pass a valid Hugging Face model directory")
-    try:
-        return from_hf_config(hf, str(path))
-    except KeyError as e:
-        raise K2Error(f"{path} lacks the field {e}", "pass a DeepseekV3 config.json")
-
-
-def write_hf_dir(sd: dict[str, torch.Tensor], cfg: ModelConfig, directory: Path) -> None:
-    directory = Path(directory)
-    (directory / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    eos = list(eos_token_ids or ([cfg.eos_token_id] if cfg.eos_token_id is not None else []))
+    (directory / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype, eos), indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id, "do_sample": False}
+    gen |= dict(generation or {}) | {"eos_token_id": _one_or_list(eos) if eos else None}
     (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    hf_sd = to_hf_state_dict(sd, cfg)
-    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf_sd = {k: v.to(torch.float32 if k.endswith("e_score_correction_bias") else dtype).contiguous()
+             for k, v in to_hf_state_dict(sd, cfg).items()}
+    save_file(hf_sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+PROBE = "k2 end-of-turn probe"
+
+
+def stop_token_ids(directory: Path, cfg: ModelConfig) -> tuple[list[int], dict, str | None]:
+    """The tokens that end a generation of the model whose tokenizer files are in `directory`.
+
+    They are the model's end of text (config eos), the eos of a carried generation_config.json,
+    the tokenizer's eos, and the token(s) the chat template closes an assistant turn with: the
+    template (transformers' apply_chat_template, so exactly what users of the export will run)
+    renders a probe conversation, and the special token right after the assistant's text is the
+    end of turn (`<|im_end|>` for k2's and Kimi K2's templates, `<|eot_id|>` for Llama 3's ...).
+
+    Returns (ids, the carried generation config without its eos, a note when something could
+    not be read)."""
+    directory = Path(directory)
+    ids = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    generation = {}
+    path = directory / "generation_config.json"
+    if path.is_file():
+        try:
+            generation = json.loads(path.read_text())
+            ids += _as_list(generation.pop("eos_token_id", None))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            generation = {}
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tiktoken.model")):
+        return _unique(ids), generation, None
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        tok = transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # never run its code
+    except ImportError:
+        return _unique(ids), generation, "install transformers (pip install 'k2cli[hf]') so export can find the chat template's end-of-turn token"
+    except Exception as e:  # a tokenizer that needs remote code, a damaged file: keep what we have
+        why = "it needs the checkpoint's Python code" if "custom code" in str(e) else str(e).splitlines()[0][:120]
+        return _unique(ids), generation, (f"transformers cannot load the tokenizer on its own ({why}), so the chat "
+                                          f"template's end of turn is not known; stop tokens are {_unique(ids)}")
+    if tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)
+    end_of_turn = None
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}], tokenize=False
+            )
+            after = tok.encode(text.split(PROBE, 1)[1], add_special_tokens=False) if PROBE in text else []
+            special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+            end_of_turn = after[0] if after and after[0] in special else None
+        except Exception:  # a template that rejects the probe: keep what we have
+            end_of_turn = None
+    if end_of_turn is not None:
+        ids.append(end_of_turn)
+    note = None if end_of_turn is not None or not getattr(tok, "chat_template", None) else (
+        "the chat template's end-of-turn token could not be found; generation stops at " + str(_unique(ids)))
+    return _unique(ids), generation, note
+
+
+def _as_list(x) -> list[int]:
+    return [int(i) for i in x] if isinstance(x, list) else ([int(x)] if isinstance(x, int) else [])
+
+
+def _unique(ids: list[int]) -> list[int]:
+    return list(dict.fromkeys(ids))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +19,23 @@ from k2cli.model.transformer import K2Model
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# The files a model carries with it: its tokenizer (k2's BPE, any Hugging Face tokenizer, or Kimi's
+# tiktoken one), chat template and generation defaults. Data only: a checkpoint's tokenization_*.py
+# (remote code) is never copied, let alone run. They sit in the artifact's top directory, where
+# `k2cli.data.tokenizer` reads them and where `k2 export` copies them from.
+TOKENIZER_FILES = (
+    "tokenizer.json",          # HF fast tokenizer (k2's own BPE is one)
+    "tokenizer_config.json",   # special tokens, chat template, tokenizer class
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",     # transformers 5 writes the template here
+    "chat_template.json",
+    "tiktoken.model",          # Kimi K2's tokenizer (base64 token + rank per line)
+    "tokenizer.model",         # sentencepiece
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",  # eos ids a checkpoint's authors chose (tokenizer ids, so they travel with it)
+)
 
 
 def state_dict_for_saving(model: K2Model) -> dict[str, torch.Tensor]:
@@ -28,9 +46,20 @@ def state_dict_for_saving(model: K2Model) -> dict[str, torch.Tensor]:
 
 
 def save_model_files(model: K2Model, directory: Path, extra_config: dict | None = None) -> None:
+    save_state_dict_files(state_dict_for_saving(model), model.config, directory)
+
+
+def save_state_dict_files(sd: dict[str, torch.Tensor], cfg: ModelConfig, directory: Path) -> None:
+    """model.json + model.safetensors from a state dict (as `state_dict_for_saving` gives it)."""
     directory = Path(directory)
-    (directory / CONFIG_FILE).write_text(model.config.to_json() + "\n")
-    save_file(state_dict_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    save_weights(sd, directory / WEIGHTS_FILE)
+
+
+def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors creates its files 0600; weights are meant to be shared like any other file."""
+    save_file(sd, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)
 
 
 def read_config(directory: Path) -> ModelConfig:
@@ -71,11 +100,10 @@ def load_model(ref, device="cpu", verify: bool = False) -> tuple[K2Model, Artifa
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    import shutil
-
+    """Copy the TOKENIZER_FILES `src` has into `dst`, byte for byte. Returns their names."""
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
