@@ -98,9 +98,17 @@ def test_chat_runs_tool_calls_against_the_world(chat, scripted, world_ref, tmp_p
     assert '"name": "find_person"' in scripted.prompts[0]
 
 
-def test_chat_without_a_tool_world_and_runaway_tool_loops(chat, scripted, tok):
-    result = chat("any-model", input="Who?\n")  # end of input also ends the chat
+def test_chat_without_a_tool_world_and_runaway_tool_loops(chat, scripted, tok, tmp_path):
+    conv = tmp_path / "conv.json"
+    result = chat("any-model", input=f"Hello\nWho?\n/save {conv}\n")  # end of input also ends the chat
     assert "no tool world is loaded" in result.output
+    assert "--tools DATASET_REF" in result.output.split("you>")[0]  # the banner says how to get tools
+    # no tools declared: the call section is a stop token, so "Hello" gets text, not an unanswerable
+    # call, and the next message works (it used to fail until /reset)
+    assert "error" not in result.output and result.output.count("assistant> Let me check.") == 2
+    saved = json.loads(conv.read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2 and saved["tools"] is None
+    assert not any(m.get("tool_calls") for m in saved["messages"]) and "tool_declare" not in scripted.prompts[-1]
 
     from k2cli.stages.serve import ChatSession, ChatSettings
 

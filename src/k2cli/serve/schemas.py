@@ -108,6 +108,18 @@ class ChatCompletionRequest(_Model):
     def dump_tools(self) -> list[dict] | None:
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
+    def text_chars(self) -> int:
+        """Characters of text the conversation carries (a lower bound on what its rendering holds)."""
+        n = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                n += len(m.content)
+            elif m.content:
+                n += sum(len(p["text"]) for p in m.content if isinstance(p.get("text"), str))
+            for c in m.tool_calls or []:
+                n += len(c.function.arguments) if isinstance(c.function.arguments, str) else 0
+        return n
+
     def dump_tool_choice(self):
         return self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
 

@@ -8,7 +8,9 @@ Shared by the server and the terminal chat, so both speak exactly k2's chat form
     TurnDecoder.finish(reason) -> Turn(content, tool_calls, finish_reason, errors)
 
 tool_choice is carried out on the prompt, not by constraining the sampler:
-    "auto"     the model decides;
+    "auto"     the model decides (without tools declared, "auto" is "none": a model trained on
+               tool-using conversations may start a call section anyway, and a call to a function
+               the client never declared is one it cannot answer);
     "none"     `<|tool_calls_section_begin|>` becomes a stop token: the turn ends where a call would start;
     "required" the assistant turn is pre-filled with `<|tool_calls_section_begin|>`;
     {"type": "function", "function": {"name": X}}  pre-filled up to the call's arguments
@@ -87,6 +89,8 @@ def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = Non
     tools = tools or None
     names = [t.get("function", {}).get("name") for t in tools or []]
     choice = tool_choice if tool_choice is not None else "auto"
+    if choice == "auto" and not tools:
+        choice = "none"
     if choice in ("required",) or isinstance(choice, dict):
         if not tools:
             raise K2Error(f"tool_choice {json.dumps(choice)} needs tools", "pass tools, or use tool_choice 'auto'")
