@@ -73,7 +73,7 @@ def script(prompt: str) -> str:
 @pytest.fixture
 def scripted(monkeypatch, tok):
     engine = ScriptedEngine(tok, script, context=4096)
-    monkeypatch.setattr("k2cli.stages.serve.open_chat_engine", lambda ref, device="cpu": (engine, tok, "scripted"))
+    monkeypatch.setattr("k2cli.stages.serve.open_chat_engine", lambda ref, device="auto": (engine, tok, "scripted"))
     return engine
 
 
@@ -158,3 +158,38 @@ def test_chat_clean_errors(k2, tmp_path):
     assert_clean_error(k2("chat", str(tmp_path / "nope"), ok=False), "nope")
     art = model_artifact(["some text"] * 20)
     assert_clean_error(k2("chat", art.id.replace("/", ":"), "--tools", str(tmp_path / "missing"), ok=False), "missing")
+
+
+def test_device_auto_is_the_default(monkeypatch, k2):
+    """serve and chat pick cuda when torch sees a GPU (they used to default to cpu even then)."""
+    import torch
+
+    from k2cli.stages import serve
+
+    assert serve.resolve_device("cpu") == "cpu" and serve.resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serve.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve.resolve_device("auto") == "cuda"
+    for cmd in (serve.serve_cmd, serve.chat_cmd):
+        assert next(p.default for p in cmd.params if p.name == "device") == "auto"
+    seen = []
+    monkeypatch.setattr(serve, "open_chat_engine", lambda ref, device: seen.append(device) or (_ for _ in ()).throw(SystemExit(0)))
+    k2("chat", "any-model", ok=False)
+    assert seen == ["auto"]
+
+
+def test_load_failure_hint_fits_the_device(monkeypatch):
+    from k2cli.errors import K2Error
+    from k2cli.stages import serve
+
+    def broken(ref, device):
+        raise RuntimeError("Error(s) in loading state_dict: size mismatch for embed.weight\nmore")
+
+    monkeypatch.setattr("k2cli.model.io.load_model", broken)
+    with pytest.raises(K2Error) as e:
+        serve.load_chat_model("m", "cpu")
+    assert "--device cpu" not in e.value.line() and "size mismatch" in e.value.line() and "\n" not in e.value.line()
+    with pytest.raises(K2Error) as e:
+        serve.load_chat_model("m", "cuda:7")
+    assert "pass --device cpu" in e.value.line()

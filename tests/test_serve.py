@@ -395,7 +395,9 @@ def test_errors_follow_the_openai_protocol(real):
     assert bad(n=0)["param"] == "n"
     assert "tool result" in bad(messages=USER + [{"role": "tool", "tool_call_id": "functions.x:0", "content": "1"}])["message"]
     assert "not among the tools" in bad(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})["message"]
-    assert bad(logprobs=True)["code"] == "unsupported_parameter"
+    assert bad(top_logprobs=3)["param"] == "top_logprobs"  # needs logprobs: true
+    assert bad(logprobs=True, top_logprobs=21)["param"] == "top_logprobs"
+    assert bad(response_format={"type": "json_object"})["code"] == "unsupported_parameter"
     long = [{"role": "user", "content": "Anna Berg was born in Oslo. " * 400}]
     body = bad(messages=long)
     assert body["code"] == "context_length_exceeded" and "maximum context length is 1024 tokens" in body["message"]
@@ -856,3 +858,73 @@ def test_tool_calls_only_when_tools_are_declared(scripted):
     assert "tool_declare" not in engine.prompts[-1]
     chunks = list(client.chat.completions.create(model=NAME, messages=USER, stream=True))
     assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+
+
+# ----------------------------------------------------------------------------- logprobs and /v1/completions (real model)
+
+
+def first_logprobs(model, ids):
+    """log_softmax of the model's next-token logits after `ids` (the reference for the first token)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+
+
+@needs_serve
+def test_chat_logprobs(real):
+    server, engine, model, tok = real
+    client = client_for(server)
+    kw = dict(model=NAME, messages=USER, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    entries = r.choices[0].logprobs.content
+    ref = first_logprobs(model, build_prompt(tok, USER).ids)
+    top = ref.topk(3)
+    assert entries[0].logprob == pytest.approx(float(ref.max()), abs=1e-4)  # greedy: the chosen token is the argmax
+    assert [a.logprob for a in entries[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-5 and len(e.top_logprobs) == 3 for e in entries)
+    # the entries cover the content tokens, byte for byte
+    assert bytes(b for e in entries for b in e.bytes).decode(errors="replace").strip() == r.choices[0].message.content
+    streamed = list(client.chat.completions.create(**kw, stream=True))
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in entries]
+    plain = client.chat.completions.create(model=NAME, messages=USER, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+@needs_serve
+def test_text_completions(real):
+    server, engine, model, tok = real
+    client = client_for(server)
+    prompt = "Anna Berg was born in"
+    ids = tok.encode(prompt)
+    want = generate(model, [ids], max_new_tokens=8, stop_ids=(tok.eot_id, tok.token_id(END)))[0]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    assert r.object == "text_completion" and r.choices[0].text == tok.decode(want, skip_special=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want))
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] == pytest.approx(float(first_logprobs(model, ids).max()), abs=1e-4)
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    # streaming gives the same text; token ids work as the prompt; the default budget is 16 tokens
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [r.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(want)
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    assert client.completions.create(model=NAME, prompt="", temperature=0).usage.completion_tokens <= 16
+    two = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, n=2, temperature=1, seed=3)
+    assert [c.index for c in two.choices] == [0, 1]
+
+    def bad(**kw):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**({"model": NAME, "prompt": prompt} | kw))
+        return e.value.body
+
+    assert bad(echo=True)["param"] == "echo" and bad(suffix="x")["param"] == "suffix"
+    assert bad(prompt=["a", "b"])["param"] == "prompt" and bad(prompt=[10**6])["param"] == "prompt"
+    assert bad(max_tokens=5000)["code"] == "context_length_exceeded" and bad(logprobs=6)["param"] == "logprobs"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="davinci-002", prompt=prompt)
+    assert wait_until(lambda: engine.active == 0)

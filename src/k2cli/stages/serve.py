@@ -25,15 +25,26 @@ from k2cli.errors import K2Error
 DEFAULT_PORT = 8000
 
 
-def load_chat_model(ref: str, device: str = "cpu"):
+def resolve_device(device: str) -> str:
+    """`auto` (the default of serve and chat): cuda when torch sees a GPU, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_chat_model(ref: str, device: str = "auto"):
     """(model, tokenizer, artifact) of a model artifact that carries a tokenizer."""
     from k2cli.data.tokenizer import load_tokenizer
     from k2cli.model.io import load_model
 
+    device = resolve_device(device)
     try:
         model, art = load_model(ref, device=device)
-    except RuntimeError as e:  # e.g. an unavailable device
-        raise K2Error(f"cannot load {ref} on {device}: {e}", "pass --device cpu")
+    except RuntimeError as e:  # an unavailable device, or weights that do not fit the model
+        hint = "check that the artifact is complete (k2 artifacts verify)" if device == "cpu" else "pass --device cpu"
+        raise K2Error(f"cannot load {ref} on {device}: {str(e).splitlines()[0]}", hint)
     if not art.has("tokenizer.json"):
         raise K2Error(f"model {art.id} has no tokenizer", "serve a model made by k2 pretrain / sft / rl")
     return model, load_tokenizer(art.path), art
@@ -53,7 +64,7 @@ def _serve_extra():
 
 
 def build_app(ref: str, name: str | None = None, api_key: str | None = None, max_batch: int = 32,
-              default_max_tokens: int = 512, device: str = "cpu", max_waiting: int = 1024, max_body_mb: float = 4.0,
+              default_max_tokens: int = 512, device: str = "auto", max_waiting: int = 1024, max_body_mb: float = 4.0,
               body_timeout: float = 30.0):
     """(app, engine, served name) for a model artifact; the engine thread is started."""
     create_app = _serve_extra()[0].create_app
@@ -81,7 +92,7 @@ def build_app(ref: str, name: str | None = None, api_key: str | None = None, max
               help="Completion budget when a request sets no max_tokens (capped by the context).")
 @click.option("--max-waiting", default=1024, show_default=True, type=click.IntRange(1),
               help="Queued requests beyond which new ones get 429 (server busy).")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")
+@click.option("--device", default="auto", show_default=True, help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads (default: torch's choice).")
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0.001),
               help="Largest request body accepted (larger ones get 413 before they are read).")
@@ -116,7 +127,7 @@ def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, m
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] serving on {host} without an API key: anyone who can reach it can use it")
     if not quiet():
-        err.print(f"serving [bold]{served}[/] (context {engine.context}, batch {max_batch}, "
+        err.print(f"serving [bold]{served}[/] on {engine.device} (context {engine.context}, batch {max_batch}, "
                   f"{'key required' if api_key else 'no key'}) on {url} — Ctrl-C stops", soft_wrap=True)
     out.print(url, soft_wrap=True)
     sys.stdout.flush()
@@ -238,7 +249,7 @@ class ChatSession:
         return decoder.finish(reason), began_call
 
 
-def open_chat_engine(ref: str, device: str = "cpu"):
+def open_chat_engine(ref: str, device: str = "auto"):
     """(engine, tokenizer, name) for `k2 chat`: an inline (unthreaded) engine of one row.
 
     Test hook: tests replace this function (monkeypatch) to chat with a `serve.testing.ScriptedEngine`.
@@ -258,7 +269,7 @@ def open_chat_engine(ref: str, device: str = "cpu"):
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1), help="Per assistant turn.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="torch device: auto (cuda when available, else cpu), cpu, cuda, ...")
 def chat_cmd(model, system, tools_ref, temperature, top_p, max_tokens, seed, device):
     """Chat with MODEL in the terminal; tool calls are executed and shown. Commands: /reset, /save FILE, /quit."""
     from k2cli.serve.tools import load_tool_world
