@@ -1,7 +1,8 @@
-"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/chat/completions, /v1/completions, /health.
+"""The OpenAI-compatible HTTP app (FastAPI): /v1/models, /v1/chat/completions, /v1/completions, /health,
+and the web chat at / (with /k2/tools for it, when a tool world is given).
 
     create_app(engine, tokenizer, model_name, aliases=(), api_key=None, default_max_tokens=512,
-               max_waiting=1024, max_body_bytes=4 MiB, body_timeout=30.0)
+               max_waiting=1024, max_body_bytes=4 MiB, body_timeout=30.0, tools=None)
 
 Test hook: `engine` is anything with `submit(prompt_ids, SamplingParams, n, sink) -> request`,
 `cancel(request, choice=None)`, `active`, `context` and `max_batch` (see `serve.engine.Engine`):
@@ -39,14 +40,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from k2cli.errors import K2Error
-from k2cli.serve import schemas
+from k2cli.serve import page, schemas
 from k2cli.serve.engine import SamplingParams
 from k2cli.serve.schemas import APIError
+from k2cli.serve.tools import execute, tool_schemas
 from k2cli.data.chat import CALLS_BEGIN, END
 from k2cli.data.tokenizer import EOT
 from k2cli.serve.turns import _SPECIAL, Prompt, TextDecoder, Turn, TurnDecoder, build_prompt, token_bytes
@@ -58,7 +60,7 @@ PREPARE_THREADS = 2
 
 def create_app(engine, tokenizer, model_name: str, aliases=(), api_key: str | None = None,
                default_max_tokens: int = 512, max_waiting: int = 1024, max_body_bytes: int = MAX_BODY_BYTES,
-               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
+               body_timeout: float = BODY_TIMEOUT_S, tools=None) -> FastAPI:
     app = FastAPI(title="k2 serve", description="An OpenAI-compatible chat-completions server for a k2 model artifact.")
     app.state.engine = engine
     names = {model_name, *aliases}
@@ -127,6 +129,30 @@ def create_app(engine, tokenizer, model_name: str, aliases=(), api_key: str | No
     async def off_loop(fn, *args):
         """Run fn in the prepare pool; the event loop goes on serving other clients meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        """The web chat (serve/page.py): it streams from this server's own /v1/chat/completions."""
+        return HTMLResponse(page.HTML)
+
+    @app.get("/k2/tools")
+    async def list_tools(request: Request):
+        """The tool world's schemas (`k2 serve --tools DATASET_REF`), for the web chat to declare."""
+        authorize(request)
+        if not tools:
+            raise APIError(404, "this server has no tools (start it with --tools DATASET_REF)", code="no_tools")
+        return {"tools": tool_schemas(tools)}
+
+    @app.post("/k2/tools/call")
+    async def call_tool(request: Request):
+        """Run one tool call: {"name", "arguments"} -> {"content": the tool message's text}."""
+        authorize(request)
+        if not tools:
+            raise APIError(404, "this server has no tools (start it with --tools DATASET_REF)", code="no_tools")
+        body = parse_json(await read_body(request))
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise APIError(400, 'send {"name": TOOL, "arguments": {...} or a JSON string}', param="name", code="invalid_value")
+        return {"content": await off_loop(execute, tools, body["name"], body.get("arguments", {}))}
 
     @app.get("/health")
     async def health():

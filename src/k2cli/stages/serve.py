@@ -65,19 +65,22 @@ def _serve_extra():
 
 def build_app(ref: str, name: str | None = None, api_key: str | None = None, max_batch: int = 32,
               default_max_tokens: int = 512, device: str = "auto", max_waiting: int = 1024, max_body_mb: float = 4.0,
-              body_timeout: float = 30.0):
+              body_timeout: float = 30.0, tools_ref: str | None = None):
     """(app, engine, served name) for a model artifact; the engine thread is started."""
     create_app = _serve_extra()[0].create_app
     from k2cli.serve.engine import Engine
 
     if max_batch < 1 or default_max_tokens < 1:
         raise K2Error("--max-batch and --max-tokens must be at least 1", "e.g. --max-batch 32 --max-tokens 512")
+    from k2cli.serve.tools import load_tool_world
+
+    world = load_tool_world(tools_ref) if tools_ref else None
     model, tokenizer, art = load_chat_model(ref, device)
     engine = Engine(model, max_batch=max_batch).start()
     served = name or art.id
     app = create_app(engine, tokenizer, served, aliases={ref, art.id}, api_key=api_key,
                      default_max_tokens=default_max_tokens, max_waiting=max_waiting,
-                     max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout=body_timeout)
+                     max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout=body_timeout, tools=world)
     return app, engine, served
 
 
@@ -94,6 +97,8 @@ def build_app(ref: str, name: str | None = None, api_key: str | None = None, max
               help="Queued requests beyond which new ones get 429 (server busy).")
 @click.option("--device", default="auto", show_default=True, help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads (default: torch's choice).")
+@click.option("--tools", "tools_ref", default=None, metavar="DATASET_REF",
+              help="Give the web chat at / this dataset's tool world (its calls run on the server, shown in the page).")
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0.001),
               help="Largest request body accepted (larger ones get 413 before they are read).")
 @click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.01),
@@ -101,8 +106,9 @@ def build_app(ref: str, name: str | None = None, api_key: str | None = None, max
 @click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.01),
               help="Seconds a request body has to arrive (408 after that).")
 def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, max_waiting, device, threads,
-              max_body_mb, header_timeout, body_timeout):
-    """Serve MODEL over an OpenAI-compatible API: `/v1/models`, `/v1/chat/completions` (tools, streaming).
+              tools_ref, max_body_mb, header_timeout, body_timeout):
+    """Serve MODEL over an OpenAI-compatible API: `/v1/models`, `/v1/chat/completions` (tools, streaming, logprobs),
+    `/v1/completions`; and a web chat page at `/`.
 
     Point any OpenAI client at the printed URL, e.g. `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")`.
     """
@@ -119,7 +125,7 @@ def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, m
         raise K2Error(f"cannot listen on {host}:{port}: {e.strerror or e}", "choose another --port (0 picks a free one)")
     try:
         app, engine, served = build_app(model, name, api_key, max_batch, default_max_tokens, device, max_waiting,
-                                        max_body_mb, body_timeout)
+                                        max_body_mb, body_timeout, tools_ref)
     except BaseException:
         sock.close()
         raise
@@ -128,7 +134,8 @@ def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, m
         err.print(f"[yellow]warning:[/] serving on {host} without an API key: anyone who can reach it can use it")
     if not quiet():
         err.print(f"serving [bold]{served}[/] on {engine.device} (context {engine.context}, batch {max_batch}, "
-                  f"{'key required' if api_key else 'no key'}) on {url} — Ctrl-C stops", soft_wrap=True)
+                  f"{'key required' if api_key else 'no key'}) on {url} — web chat at {url.removesuffix('/v1')}/ — "
+                  "Ctrl-C stops", soft_wrap=True)
     out.print(url, soft_wrap=True)
     sys.stdout.flush()
     server = make_server(app, log_level="warning" if os.environ.get("K2_QUIET") else "info", header_timeout=header_timeout)
