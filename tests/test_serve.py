@@ -480,7 +480,10 @@ def wait_until(cond, timeout=20.0):
 
 
 @needs_serve
-def test_client_disconnect_frees_its_slot(micro):
+def test_client_disconnect_frees_its_slot(micro, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     art, model, tok = micro
     banned = [tok.token_id(t) for t in ("<|im_end|>", "<|endoftext|>", CALLS_BEGIN)]
     engine = Engine(Endless(model, banned), max_batch=4).start()
@@ -500,6 +503,7 @@ def test_client_disconnect_frees_its_slot(micro):
         assert wait_until(lambda: engine.active == 0) and engine.stats["cancelled"] == 2
         assert wait_until(lambda: not server.server.server_state.tasks), "a request handler was left waiting"
     engine.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 # ----------------------------------------------------------------------------- tool calls (scripted engine)

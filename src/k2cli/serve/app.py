@@ -44,14 +44,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from k2cli.data.chat import CALLS_BEGIN, END
+from k2cli.data.tokenizer import EOT
 from k2cli.errors import K2Error
 from k2cli.serve import page, schemas
 from k2cli.serve.engine import SamplingParams
 from k2cli.serve.schemas import APIError
 from k2cli.serve.tools import execute, tool_schemas
-from k2cli.data.chat import CALLS_BEGIN, END
-from k2cli.data.tokenizer import EOT
-from k2cli.serve.turns import _SPECIAL, Prompt, TextDecoder, Turn, TurnDecoder, build_prompt, token_bytes
+from k2cli.serve.turns import SPECIAL_PATTERN, Prompt, TextDecoder, Turn, TurnDecoder, build_prompt, token_bytes
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far more text than any k2 model's context holds
 BODY_TIMEOUT_S = 30.0
@@ -190,10 +190,13 @@ def create_app(engine, tokenizer, model_name: str, aliases=(), api_key: str | No
         return n
 
     def job_for(req, prompt: Prompt, n: int, logprobs: int | None, default_max: int) -> "_Job":
+        """The engine's parameters for a validated request, once its prompt is known to fit."""
         P, ctx = len(prompt.ids), engine.context
-        asked = req.max_tokens if isinstance(req, schemas.CompletionRequest) else req.max_completion_tokens or req.max_tokens
+        chat = isinstance(req, schemas.ChatCompletionRequest)
+        asked = req.max_completion_tokens or req.max_tokens if chat else req.max_tokens
         if P >= ctx or (asked and P + asked > ctx):
-            raise _context_error(ctx, f"{P + (asked or 0)} tokens ({P} in the messages, {asked or 0} in the completion)")
+            raise _context_error(ctx, f"{P + (asked or 0)} tokens ({P} in the {'messages' if chat else 'prompt'}, "
+                                      f"{asked or 0} in the completion)")
         params = SamplingParams(max_tokens=asked or min(default_max, ctx - P),
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop_ids=prompt.stop_ids,
@@ -340,7 +343,7 @@ class _Choice:
         pending, self.pending = self.pending, None
         piece = self.tok.decode([token])
         self.closed |= self.d.stopped or piece in _ENDS_CONTENT
-        if self.closed or pending is None or _SPECIAL.fullmatch(piece):  # other special tokens show as nothing
+        if self.closed or pending is None or SPECIAL_PATTERN.fullmatch(piece):  # other special tokens show as nothing
             return
         lp, top = pending
         self.entries.append((self.tok.decode([token]), token_bytes(self.tok, token), lp,

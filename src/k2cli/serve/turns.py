@@ -29,7 +29,7 @@ from k2cli.data.chat import CALL_ARGS, CALL_BEGIN, CALLS_BEGIN, END, call_id, pa
 from k2cli.data.tokenizer import EOT, SPECIAL_TOKENS
 from k2cli.errors import K2Error
 
-_SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+SPECIAL_PATTERN = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 @dataclass
@@ -117,9 +117,9 @@ def encode_with_specials(tokenizer, text: str) -> list[int]:
     """Ids of text that contains special tokens: each special is its one id, the text between is
     BPE-encoded piece by piece, as `chat.render` does."""
     ids: list[int] = []
-    for piece in re.split(f"({_SPECIAL.pattern})", text):
+    for piece in re.split(f"({SPECIAL_PATTERN.pattern})", text):
         if piece:
-            ids += [tokenizer.token_id(piece)] if _SPECIAL.fullmatch(piece) else tokenizer.encode(piece)
+            ids += [tokenizer.token_id(piece)] if SPECIAL_PATTERN.fullmatch(piece) else tokenizer.encode(piece)
     return ids
 
 
@@ -184,7 +184,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
         extra = [b for b in range(256) if b not in keep]
         _BYTE_OF.update({chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(extra)})
     piece = tokenizer.tok.id_to_token(token_id) or ""
-    if piece and all(c in _BYTE_OF for c in piece) and not _SPECIAL.fullmatch(piece):
+    if piece and all(c in _BYTE_OF for c in piece) and not SPECIAL_PATTERN.fullmatch(piece):
         return bytes(_BYTE_OF[c] for c in piece)
     return piece.encode()
 
@@ -226,7 +226,7 @@ class TurnDecoder:
 
     def _content(self, raw: str, final: bool) -> str:
         text = raw.split(END, 1)[0].split(EOT, 1)[0]
-        text = _SPECIAL.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
+        text = SPECIAL_PATTERN.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
         text, stopped = settled(text, self.stop, final)
         self.stopped |= stopped
         return text.rstrip()
