@@ -183,6 +183,7 @@ def attack(base_url: str, loris: int) -> None:
     threads += [threading.Thread(target=slow_loris, args=(base_url, stop, lives), daemon=True) for _ in range(loris)]
     for t in threads:
         t.start()
+    print("ready", flush=True)
     sys.stdin.read()
     stop.set()
     for t in threads:
@@ -207,6 +208,7 @@ def hostile_probe(base_url: str, name: str, prompts, clients: int, requests: int
         add(idle, run_clients(base_url, name, prompts, clients, per, 8, deadline, stream_every=0))
         proc = subprocess.Popen([sys.executable, __file__, "--attack", base_url, "--loris", str(loris)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready", "the hostile clients did not start"
         t0 = time.monotonic()
         time.sleep(2.0)  # the big bodies are flowing and the loris connections are open
         add(loaded, run_clients(base_url, name, prompts, clients, per, 8, deadline, stream_every=0))
@@ -373,7 +375,9 @@ def main():
         lines += ["", f"### Hostile clients: a small request while one client sends 16 MB bodies and {args.loris} slow-loris connections wait", "",
                   f"{args.clients} concurrent clients, {hostile['sent']} non-streaming requests per phase, max_tokens 8 (the "
                   "small request); default server limits (4 MiB body, 10 s request-head deadline). The hostile clients "
-                  "run in a process of their own; idle and hostile phases alternate twice and are pooled.", "",
+                  "run in a process of their own; idle and hostile phases alternate twice and are pooled. That process runs on "
+                  "the same cores as the server and the measuring clients (2 here, shared with other jobs), so the rise "
+                  "in p50 includes its own CPU use, not only the server's work for it.", "",
                   "| phase | requests ok / sent | errors | latency p50 s | p90 s | p99 s |", "|---|---:|---:|---:|---:|---:|"]
         for label, r in (("idle server", idle), ("16 MB bodies + slow loris", loaded)):
             lines.append(f"| {label} | {r['ok']} / {hostile['sent']} | {len(r['errors'])} | {pct(r['lat'], 50):.3f} | "
