@@ -15,7 +15,6 @@ reports them; for chat they cover the content tokens (up to the first special to
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
