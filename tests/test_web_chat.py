@@ -93,6 +93,8 @@ def test_page_and_tool_endpoints(tok):
         status, body = post(root + "/k2/tools/call", {"name": "nope", "arguments": {}}, key)
         assert status == 200 and "unknown tool" in json.loads(body["content"])["error"]  # told to the model
         assert post(root + "/k2/tools/call", {"arguments": {}}, key)[0] == 400
+        status, body = post(root + "/k2/tools/call", {"name": "find_person", "arguments": "[" * 100_000}, key)
+        assert status == 200 and "nested too deeply" in json.loads(body["content"])["error"]
 
 
 # ----------------------------------------------------------------------------- a real browser
