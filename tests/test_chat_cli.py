@@ -73,7 +73,7 @@ def script(prompt: str) -> str:
 @pytest.fixture
 def scripted(monkeypatch, tok):
     engine = ScriptedEngine(tok, script, context=4096)
-    monkeypatch.setattr("k2cli.stages.serve.open_chat_engine", lambda ref, device="cpu": (engine, tok, "scripted"))
+    monkeypatch.setattr("k2cli.stages.serve.open_chat_engine", lambda ref, device="auto": (engine, tok, "scripted"))
     return engine
 
 
@@ -98,9 +98,17 @@ def test_chat_runs_tool_calls_against_the_world(chat, scripted, world_ref, tmp_p
     assert '"name": "find_person"' in scripted.prompts[0]
 
 
-def test_chat_without_a_tool_world_and_runaway_tool_loops(chat, scripted, tok):
-    result = chat("any-model", input="Who?\n")  # end of input also ends the chat
+def test_chat_without_a_tool_world_and_runaway_tool_loops(chat, scripted, tok, tmp_path):
+    conv = tmp_path / "conv.json"
+    result = chat("any-model", input=f"Hello\nWho?\n/save {conv}\n")  # end of input also ends the chat
     assert "no tool world is loaded" in result.output
+    assert "--tools DATASET_REF" in result.output.split("you>")[0]  # the banner says how to get tools
+    # no tools declared: the call section is a stop token, so "Hello" gets text, not an unanswerable
+    # call, and the next message works (it used to fail until /reset)
+    assert "error" not in result.output and result.output.count("assistant> Let me check.") == 2
+    saved = json.loads(conv.read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2 and saved["tools"] is None
+    assert not any(m.get("tool_calls") for m in saved["messages"]) and "tool_declare" not in scripted.prompts[-1]
 
     from k2cli.stages.serve import ChatSession, ChatSettings
 
@@ -150,3 +158,38 @@ def test_chat_clean_errors(k2, tmp_path):
     assert_clean_error(k2("chat", str(tmp_path / "nope"), ok=False), "nope")
     art = model_artifact(["some text"] * 20)
     assert_clean_error(k2("chat", art.id.replace("/", ":"), "--tools", str(tmp_path / "missing"), ok=False), "missing")
+
+
+def test_device_auto_is_the_default(monkeypatch, k2):
+    """serve and chat pick cuda when torch sees a GPU (they used to default to cpu even then)."""
+    import torch
+
+    from k2cli.stages import serve
+
+    assert serve.resolve_device("cpu") == "cpu" and serve.resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serve.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve.resolve_device("auto") == "cuda"
+    for cmd in (serve.serve_cmd, serve.chat_cmd):
+        assert next(p.default for p in cmd.params if p.name == "device") == "auto"
+    seen = []
+    monkeypatch.setattr(serve, "open_chat_engine", lambda ref, device: seen.append(device) or (_ for _ in ()).throw(SystemExit(0)))
+    k2("chat", "any-model", ok=False)
+    assert seen == ["auto"]
+
+
+def test_load_failure_hint_fits_the_device(monkeypatch):
+    from k2cli.errors import K2Error
+    from k2cli.stages import serve
+
+    def broken(ref, device):
+        raise RuntimeError("Error(s) in loading state_dict: size mismatch for embed.weight\nmore")
+
+    monkeypatch.setattr("k2cli.model.io.load_model", broken)
+    with pytest.raises(K2Error) as e:
+        serve.load_chat_model("m", "cpu")
+    assert "--device cpu" not in e.value.line() and "size mismatch" in e.value.line() and "\n" not in e.value.line()
+    with pytest.raises(K2Error) as e:
+        serve.load_chat_model("m", "cuda:7")
+    assert "pass --device cpu" in e.value.line()

@@ -395,7 +395,9 @@ def test_errors_follow_the_openai_protocol(real):
     assert bad(n=0)["param"] == "n"
     assert "tool result" in bad(messages=USER + [{"role": "tool", "tool_call_id": "functions.x:0", "content": "1"}])["message"]
     assert "not among the tools" in bad(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})["message"]
-    assert bad(logprobs=True)["code"] == "unsupported_parameter"
+    assert bad(top_logprobs=3)["param"] == "top_logprobs"  # needs logprobs: true
+    assert bad(logprobs=True, top_logprobs=21)["param"] == "top_logprobs"
+    assert bad(response_format={"type": "json_object"})["code"] == "unsupported_parameter"
     long = [{"role": "user", "content": "Anna Berg was born in Oslo. " * 400}]
     body = bad(messages=long)
     assert body["code"] == "context_length_exceeded" and "maximum context length is 1024 tokens" in body["message"]
@@ -478,7 +480,10 @@ def wait_until(cond, timeout=20.0):
 
 
 @needs_serve
-def test_client_disconnect_frees_its_slot(micro):
+def test_client_disconnect_frees_its_slot(micro, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     art, model, tok = micro
     banned = [tok.token_id(t) for t in ("<|im_end|>", "<|endoftext|>", CALLS_BEGIN)]
     engine = Engine(Endless(model, banned), max_batch=4).start()
@@ -498,6 +503,7 @@ def test_client_disconnect_frees_its_slot(micro):
         assert wait_until(lambda: engine.active == 0) and engine.stats["cancelled"] == 2
         assert wait_until(lambda: not server.server.server_state.tasks), "a request handler was left waiting"
     engine.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 # ----------------------------------------------------------------------------- tool calls (scripted engine)
@@ -650,3 +656,279 @@ def test_k2_serve_clean_errors(k2, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         assert_clean_error(k2("serve", str(tmp_path / "missing"), "--port", port, ok=False), "cannot listen", "--port")
+
+
+# ----------------------------------------------------------------------------- hostile clients (loopback, bounded)
+
+
+class Gated:
+    """A tokenizer whose encode blocks on text containing GATE until released: a stand-in for the
+    seconds a huge conversation takes to tokenise, without the seconds."""
+
+    GATE = "GATE-GATE"
+
+    def __init__(self, tok):
+        self.tok, self.entered, self.release = tok, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode(self, text):
+        if self.GATE in text:
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.tok.encode(text)
+
+
+def sock_to(server):
+    import socket
+
+    host, port = server.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_response(s) -> tuple[int, bytes]:
+    """Status and everything the server sent until it closed the connection (or 10 s passed).
+    A reset after the response counts as closed (the server hung up with our bytes unread)."""
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return int(data.split(b" ", 2)[1]) if data else 0, data
+
+
+def post_head(path: str, length: int | None = None, extra: str = "") -> bytes:
+    size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{size}{extra}\r\n".encode()
+
+
+@needs_serve
+def test_body_limit_before_reading(micro):
+    tok = micro[2]
+    app = create_app(ScriptedEngine(tok, lambda p: "ok" + END, context=1 << 17), tok, NAME, max_body_bytes=64 << 10)
+    with BackgroundServer(app) as server:
+        with sock_to(server) as s:  # 16 MB declared, not a byte of it sent: refused from the head alone
+            s.sendall(post_head("/v1/chat/completions", 16 << 20))
+            status, data = read_response(s)  # ... and the server hangs up (it will not read 16 MB)
+        assert status == 413 and b"request_too_large" in data and b"connection: close" in data.lower()
+        with sock_to(server) as s:  # chunked: counted as it arrives, cut at the limit
+            s.sendall(post_head("/v1/chat/completions"))
+            chunk = b"x" * 8192
+            for _ in range(9):  # 72 KiB: just over
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            status, data = read_response(s)
+        assert status == 413 and b"body is over " in data
+        body = {"model": NAME, "messages": [{"role": "user", "content": "x" * 60_000}]}  # under the limit: served
+        assert raw("POST", server.base_url + "/chat/completions", body)[0] == 200
+
+
+@needs_serve
+def test_hostile_json_is_a_400(micro):
+    tok = micro[2]
+    engine = ScriptedEngine(tok, lambda p: "ok" + END)
+    url_path = "/chat/completions"
+    probes = {
+        "escaped lone surrogate": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "surrogate in the model name": b'{"model": "\\udfff", "messages": [{"role": "user", "content": "a"}]}',
+        "raw surrogate bytes": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a\xed\xa0\x80"}]}',
+        "invalid utf-8": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "\xff"}]}',
+        "[ x 100000": b"[" * 100_000,
+        "{ x 100000": b'{"a":' * 100_000,
+        "deep in tools": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", '
+                         b'"function": {"name": "f", "parameters": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}}]}",
+        "NaN": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "temperature": NaN}',
+        "Infinity": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "top_p": Infinity}',
+        "empty body": b"",
+        "a string": b'"hello"',
+        "messages a string": b'{"model": "micro/v1", "messages": "hi"}',
+        "content a number": b'{"model": "micro/v1", "messages": [{"role": "user", "content": 5}]}',
+        "content parts wrong": b'{"model": "micro/v1", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+        "content parts not dicts": b'{"model": "micro/v1", "messages": [{"role": "user", "content": [1, 2]}]}',
+        "tool_calls wrong": b'{"model": "micro/v1", "messages": [{"role": "assistant", "tool_calls": [{"id": 1}]}, '
+                            b'{"role": "user", "content": "a"}]}',
+        "arguments a list": b'{"model": "micro/v1", "messages": [{"role": "assistant", "tool_calls": [{"id": "functions.f:0", '
+                            b'"function": {"name": "f", "arguments": [1]}}]}, {"role": "tool", "tool_call_id": "functions.f:0", "content": "1"}]}',
+        "tools a dict": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "tools": {"a": 1}}',
+        "tool_choice a number": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "tool_choice": 3}',
+        "stop a number": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "stop": 3}',
+        "seed a string": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "seed": "x"}',
+        "max_tokens huge": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1' + b"0" * 40 + b"}",
+        "n a float": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "n": 1.5}',
+        "model a list": b'{"model": ["micro/v1"], "messages": [{"role": "user", "content": "a"}]}',
+        "stream_options a string": b'{"model": "micro/v1", "messages": [{"role": "user", "content": "a"}], "stream": true, "stream_options": "x"}',
+        "Content-Length not a number": None,
+    }
+    with BackgroundServer(create_app(engine, tok, NAME)) as server:
+        for name, body in probes.items():
+            if body is None:
+                with sock_to(server) as s:
+                    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n")
+                    status, text = read_response(s)
+            else:
+                status, _, text = raw("POST", server.base_url + url_path, body)
+            assert status == 400, (name, status, text)
+            if body is not None:
+                assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}, name
+        # a conversation too long for the context is refused by its size, before it is tokenised
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Anna " * 400_000}]}
+        status, _, text = raw("POST", server.base_url + url_path, body)
+        assert status == 400 and json.loads(text)["error"]["code"] == "context_length_exceeded" and "characters" in text
+        # pairs are fine, and the server is alive and well after all that
+        good = b'{"model": "micro/v1", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+        assert raw("POST", server.base_url + url_path, good)[0] == 200
+
+
+@needs_serve
+def test_preparation_runs_off_the_event_loop(micro):
+    """While one request is being tokenised (held inside the tokenizer), other clients are served."""
+    tok = micro[2]
+    gated = Gated(tok)
+    app = create_app(ScriptedEngine(tok, lambda p: "ok" + END), gated, NAME)
+    with BackgroundServer(app) as server:
+        client = client_for(server, timeout=10)
+        slow = {}
+        t = threading.Thread(target=lambda: slow.setdefault("r", client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"{Gated.GATE} please"}])))
+        t.start()
+        try:
+            assert gated.entered.wait(10)
+            # the gated request sits in the tokenizer; on the loop, these would wait for it (and time out)
+            assert client.models.list().data[0].id == NAME
+            r = client.chat.completions.create(model=NAME, messages=USER)
+            assert r.choices[0].message.content == "ok" and "r" not in slow
+        finally:
+            gated.release.set()
+            t.join(30)
+        assert slow["r"].choices[0].message.content == "ok"
+
+
+@needs_serve
+def test_idle_half_open_and_slow_loris_connections_are_closed(micro):
+    tok = micro[2]
+    app = create_app(ScriptedEngine(tok, lambda p: "ok" + END), tok, NAME, body_timeout=0.5)
+    with BackgroundServer(app, header_timeout=0.5, keep_alive=0.5) as server:
+        with sock_to(server) as s:  # half-open: connects, says nothing
+            assert s.recv(1) == b""
+        with sock_to(server) as s:  # slow loris: a header byte every 0.1 s, never done
+            closed = False
+            for _ in range(100):  # at most 10 s
+                try:
+                    s.sendall(b"X-Slow: y\r\n"[:1] if _ else b"GET /v1/models HTTP/1.1\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                time.sleep(0.1)
+            assert closed or s.recv(1) == b""
+        with sock_to(server) as s:  # a body that stops halfway: 408, then the connection closes
+            s.sendall(post_head("/v1/chat/completions", 100) + b'{"model": ')
+            status, data = read_response(s)
+            assert status == 408 and b"request_timeout" in data
+        with sock_to(server) as s:  # kept alive after a response, then idle: closed
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, data = read_response(s)
+            assert status == 200 and b'"status":"ok"' in data
+        assert wait_until(lambda: not server.server.server_state.connections)
+
+
+@needs_serve
+def test_nodelay_and_quiet_disconnects(micro, caplog):
+    import logging
+    import socket
+
+    tok = micro[2]
+    app = create_app(ScriptedEngine(tok, lambda p: "ok" + END), tok, NAME)
+    with BackgroundServer(app) as server, caplog.at_level(logging.INFO):
+        with sock_to(server) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            (conn,) = server.server.server_state.connections
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # no 40 ms Nagle/delayed-ACK stall
+        with sock_to(server) as s:  # a client that leaves halfway through its body
+            s.sendall(post_head("/v1/chat/completions", 1000) + b'{"model": ')
+            time.sleep(0.2)
+        assert wait_until(lambda: not server.server.server_state.tasks)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+@needs_serve
+def test_tool_calls_only_when_tools_are_declared(scripted):
+    server, engine, tok = scripted
+    client = client_for(server)
+    r = client.chat.completions.create(model=NAME, messages=USER)  # the script writes a call; no tools were declared
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == ("Let me look.", None, "stop")
+    assert "tool_declare" not in engine.prompts[-1]
+    chunks = list(client.chat.completions.create(model=NAME, messages=USER, stream=True))
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+
+
+# ----------------------------------------------------------------------------- logprobs and /v1/completions (real model)
+
+
+def first_logprobs(model, ids):
+    """log_softmax of the model's next-token logits after `ids` (the reference for the first token)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+
+
+@needs_serve
+def test_chat_logprobs(real):
+    server, engine, model, tok = real
+    client = client_for(server)
+    kw = dict(model=NAME, messages=USER, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    entries = r.choices[0].logprobs.content
+    ref = first_logprobs(model, build_prompt(tok, USER).ids)
+    top = ref.topk(3)
+    assert entries[0].logprob == pytest.approx(float(ref.max()), abs=1e-4)  # greedy: the chosen token is the argmax
+    assert [a.logprob for a in entries[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-5 and len(e.top_logprobs) == 3 for e in entries)
+    # the entries cover the content tokens, byte for byte
+    assert bytes(b for e in entries for b in e.bytes).decode(errors="replace").strip() == r.choices[0].message.content
+    streamed = list(client.chat.completions.create(**kw, stream=True))
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in entries]
+    plain = client.chat.completions.create(model=NAME, messages=USER, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+@needs_serve
+def test_text_completions(real):
+    server, engine, model, tok = real
+    client = client_for(server)
+    prompt = "Anna Berg was born in"
+    ids = tok.encode(prompt)
+    want = generate(model, [ids], max_new_tokens=8, stop_ids=(tok.eot_id, tok.token_id(END)))[0]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    assert r.object == "text_completion" and r.choices[0].text == tok.decode(want, skip_special=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want))
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] == pytest.approx(float(first_logprobs(model, ids).max()), abs=1e-4)
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    # streaming gives the same text; token ids work as the prompt; the default budget is 16 tokens
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [r.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(want)
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    assert client.completions.create(model=NAME, prompt="", temperature=0).usage.completion_tokens <= 16
+    two = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, n=2, temperature=1, seed=3)
+    assert [c.index for c in two.choices] == [0, 1]
+
+    def bad(**kw):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**({"model": NAME, "prompt": prompt} | kw))
+        return e.value.body
+
+    assert bad(echo=True)["param"] == "echo" and bad(suffix="x")["param"] == "suffix"
+    assert bad(prompt=["a", "b"])["param"] == "prompt" and bad(prompt=[10**6])["param"] == "prompt"
+    assert bad(max_tokens=5000)["code"] == "context_length_exceeded" and bad(logprobs=6)["param"] == "logprobs"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="davinci-002", prompt=prompt)
+    assert wait_until(lambda: engine.active == 0)

@@ -27,7 +27,10 @@ Threading: `start()` runs the loop in one background thread (the only thread tou
 `submit()` / `cancel()` / `active` are safe from any thread. Without `start()`, `stream()` steps the
 loop inline (the terminal chat does that). Events reach a request's `sink(events)` from the engine
 thread once per step, as a list of ("token", choice, token_id) / ("done", choice, reason) /
-("error", choice, message) tuples, reason being "stop" or "length".
+("error", choice, message) tuples, reason being "stop" or "length". A request with `logprobs` set
+also gets ("logprob", choice, (logprob, [(token_id, logprob), ...])) just before each token event:
+the token's log-probability under the model's own distribution (before temperature and top-p) and
+the `logprobs` most likely tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh random seed per row
     stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely alternatives
 
 
 class Request:
@@ -290,13 +294,14 @@ class Engine:
         rep = torch.tensor([i for i, r in enumerate(reqs) for _ in range(r.n)], device=self.device)
         rows = [_Row(r, j, self._generator(r, j)) for r in reqs for j in range(r.n)]
         tokens = self._sample(rows, logits[rep])
+        lps = self._logprobs(rows, logits[rep], tokens)
         parts = [(cache, rep)]
         if self._rows:
             parts.insert(0, (self._cache, torch.arange(len(self._rows), device=self.device)))
         self._cache = rebuild(parts)
         self._rows += rows
         self.stats["prefills"] += 1
-        self._emit(rows, tokens)
+        self._emit(rows, tokens, lps)
 
     @torch.no_grad()
     def _decode(self) -> None:
@@ -313,7 +318,8 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["decode_rows"] += len(self._rows)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
-        self._emit(list(self._rows), self._sample(self._rows, logits))
+        tokens = self._sample(self._rows, logits)
+        self._emit(list(self._rows), tokens, self._logprobs(self._rows, logits, tokens))
 
     def _generator(self, req: Request, choice: int) -> random.Random | None:
         if req.params.temperature <= 0:
@@ -342,15 +348,33 @@ class Engine:
             out[hot] = (order.gather(-1, pick) if order is not None else pick).squeeze(-1)
         return out.tolist()
 
-    def _emit(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list[int]) -> list | None:
+        """Per row, for rows whose request asks: (logprob of its token, the k most likely as
+        [(id, logprob)]) under log_softmax(logits) [B, V]; None for the others (None if none asks)."""
+        want = [i for i, row in enumerate(rows) if row.request.params.logprobs is not None]
+        if not want:
+            return None
+        logp = torch.log_softmax(logits[want].float(), dim=-1)  # [W, V]
+        chosen = logp.gather(-1, torch.tensor([tokens[i] for i in want], device=logp.device)[:, None])[:, 0]
+        k = max(1, max(rows[i].request.params.logprobs for i in want))
+        top_lp, top_id = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [W, k]
+        out: list = [None] * len(rows)
+        for i, lp, ids, lps in zip(want, chosen.tolist(), top_id.tolist(), top_lp.tolist()):
+            n = rows[i].request.params.logprobs
+            out[i] = (lp, list(zip(ids[:n], lps[:n])))
+        return out
+
+    def _emit(self, rows: list[_Row], tokens: list[int], lps: list | None = None) -> None:
         """Record each row's new token, finish rows that are done, send each request its events."""
         events: dict[Request, list] = {}
-        for row, tok in zip(rows, tokens):
+        for i, (row, tok) in enumerate(zip(rows, tokens)):
             if row.dropped:
                 continue
             row.pending = tok
             row.produced += 1
             ev = events.setdefault(row.request, [])
+            if lps is not None and lps[i] is not None:
+                ev.append(("logprob", row.choice, lps[i]))
             ev.append(("token", row.choice, tok))
             reason = "stop" if tok in row.request.params.stop_ids else "length" if row.produced >= row.request.params.max_tokens else None
             if reason:

@@ -5,7 +5,8 @@ reliably does costs minutes of CPU, so tests of tool calling stand a `ScriptedEn
 batching engine (`create_app(engine=...)`, `ChatSession(engine, ...)`). It decides a completion
 from the prompt's text (`script(prompt_text) -> completion text`, special tokens allowed), encodes
 it with the real tokenizer and emits it token by token through the same event protocol as
-`serve.engine.Engine` (honouring max_tokens, stop ids, n, cancellation). Everything downstream —
+`serve.engine.Engine` (honouring max_tokens, stop ids, n, cancellation; every logprob is 0, as the
+script is sure of what it writes). Everything downstream —
 rendering, tool_choice pre-fill, incremental decoding, the tool-call parser, the OpenAI response
 and its stream, the chat's tool loop — is the real code. What it does not prove: that the batching
 engine or any model produces those tokens (tests/test_serve.py checks the engine against
@@ -47,6 +48,8 @@ class ScriptedEngine:
             for k, tok in enumerate(ids):
                 if req.cancelled or c in req.stopped:
                     break
+                if req.params.logprobs is not None:  # the script is certain of every token it writes
+                    yield ("logprob", c, (0.0, [(tok, 0.0)][: req.params.logprobs]))
                 yield ("token", c, tok)
                 if tok in req.params.stop_ids:
                     yield ("done", c, "stop")

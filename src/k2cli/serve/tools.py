@@ -47,6 +47,8 @@ def execute(world: ToolWorld, name: str, arguments) -> str:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
             return json.dumps({"error": f"arguments are not valid JSON ({e.msg})"})
+        except RecursionError:
+            return json.dumps({"error": "arguments are nested too deeply"})
     if not isinstance(arguments, dict):
         return json.dumps({"error": "arguments must be a JSON object"})
     schema, fn = world[name]

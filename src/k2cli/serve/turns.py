@@ -8,7 +8,9 @@ Shared by the server and the terminal chat, so both speak exactly k2's chat form
     TurnDecoder.finish(reason) -> Turn(content, tool_calls, finish_reason, errors)
 
 tool_choice is carried out on the prompt, not by constraining the sampler:
-    "auto"     the model decides;
+    "auto"     the model decides (without tools declared, "auto" is "none": a model trained on
+               tool-using conversations may start a call section anyway, and a call to a function
+               the client never declared is one it cannot answer);
     "none"     `<|tool_calls_section_begin|>` becomes a stop token: the turn ends where a call would start;
     "required" the assistant turn is pre-filled with `<|tool_calls_section_begin|>`;
     {"type": "function", "function": {"name": X}}  pre-filled up to the call's arguments
@@ -27,7 +29,7 @@ from k2cli.data.chat import CALL_ARGS, CALL_BEGIN, CALLS_BEGIN, END, call_id, pa
 from k2cli.data.tokenizer import EOT, SPECIAL_TOKENS
 from k2cli.errors import K2Error
 
-_SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+SPECIAL_PATTERN = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 @dataclass
@@ -87,6 +89,8 @@ def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = Non
     tools = tools or None
     names = [t.get("function", {}).get("name") for t in tools or []]
     choice = tool_choice if tool_choice is not None else "auto"
+    if choice == "auto" and not tools:
+        choice = "none"
     if choice in ("required",) or isinstance(choice, dict):
         if not tools:
             raise K2Error(f"tool_choice {json.dumps(choice)} needs tools", "pass tools, or use tool_choice 'auto'")
@@ -113,10 +117,76 @@ def encode_with_specials(tokenizer, text: str) -> list[int]:
     """Ids of text that contains special tokens: each special is its one id, the text between is
     BPE-encoded piece by piece, as `chat.render` does."""
     ids: list[int] = []
-    for piece in re.split(f"({_SPECIAL.pattern})", text):
+    for piece in re.split(f"({SPECIAL_PATTERN.pattern})", text):
         if piece:
-            ids += [tokenizer.token_id(piece)] if _SPECIAL.fullmatch(piece) else tokenizer.encode(piece)
+            ids += [tokenizer.token_id(piece)] if SPECIAL_PATTERN.fullmatch(piece) else tokenizer.encode(piece)
     return ids
+
+
+def settled(text: str, stop: list[str], final: bool) -> tuple[str, bool]:
+    """(the part of decoded text that is safe to send, whether a stop string matched).
+
+    Cut at the first stop string; unless final, hold back an incomplete UTF-8 character (decoded as
+    U+FFFD) and a tail that could still grow into a stop string."""
+    for s in stop:
+        k = text.find(s)
+        if k >= 0:
+            return text[:k], True
+    if not final:
+        text = text.rstrip("\ufffd")
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[: len(text) - hold]
+    return text, False
+
+
+class TextDecoder:
+    """A plain completion's tokens -> text deltas (`/v1/completions`): the text as decoded, special
+    tokens dropped, whitespace kept; stop strings and incomplete characters held back as in TurnDecoder."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tok, self.stop = tokenizer, [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def _text(self, final: bool) -> str:
+        text, stopped = settled(self.tok.decode(self.ids, skip_special=True), self.stop, final)
+        self.stopped |= stopped
+        return text
+
+    def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self._text(final=False)
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self._text(final=True)
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def finish(self, reason: str) -> "Turn":
+        return Turn(self._text(final=True), [], "stop" if self.stopped else reason)
+
+
+_BYTE_OF: dict[str, int] = {}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (a byte-level BPE piece may be part of one UTF-8 character)."""
+    if not _BYTE_OF:  # GPT-2's byte <-> printable-character table, which byte-level BPE vocabularies use
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+        extra = [b for b in range(256) if b not in keep]
+        _BYTE_OF.update({chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(extra)})
+    piece = tokenizer.tok.id_to_token(token_id) or ""
+    if piece and all(c in _BYTE_OF for c in piece) and not SPECIAL_PATTERN.fullmatch(piece):
+        return bytes(_BYTE_OF[c] for c in piece)
+    return piece.encode()
 
 
 @dataclass
@@ -156,17 +226,9 @@ class TurnDecoder:
 
     def _content(self, raw: str, final: bool) -> str:
         text = raw.split(END, 1)[0].split(EOT, 1)[0]
-        text = _SPECIAL.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
-        for s in self.stop:
-            k = text.find(s)
-            if k >= 0:
-                text, self.stopped = text[:k], True
-        if not final and not self.stopped:
-            if text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")
-            if self.stop:  # hold back a tail that could be the start of a stop string
-                hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-                text = text[: len(text) - hold]
+        text = SPECIAL_PATTERN.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
+        text, stopped = settled(text, self.stop, final)
+        self.stopped |= stopped
         return text.rstrip()
 
     def feed(self, token: int) -> str:

@@ -25,15 +25,26 @@ from k2cli.errors import K2Error
 DEFAULT_PORT = 8000
 
 
-def load_chat_model(ref: str, device: str = "cpu"):
+def resolve_device(device: str) -> str:
+    """`auto` (the default of serve and chat): cuda when torch sees a GPU, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_chat_model(ref: str, device: str = "auto"):
     """(model, tokenizer, artifact) of a model artifact that carries a tokenizer."""
     from k2cli.data.tokenizer import load_tokenizer
     from k2cli.model.io import load_model
 
+    device = resolve_device(device)
     try:
         model, art = load_model(ref, device=device)
-    except RuntimeError as e:  # e.g. an unavailable device
-        raise K2Error(f"cannot load {ref} on {device}: {e}", "pass --device cpu")
+    except RuntimeError as e:  # an unavailable device, or weights that do not fit the model
+        hint = "check that the artifact is complete (k2 artifacts verify)" if device == "cpu" else "pass --device cpu"
+        raise K2Error(f"cannot load {ref} on {device}: {str(e).splitlines()[0]}", hint)
     if not art.has("tokenizer.json"):
         raise K2Error(f"model {art.id} has no tokenizer", "serve a model made by k2 pretrain / sft / rl")
     return model, load_tokenizer(art.path), art
@@ -42,23 +53,34 @@ def load_chat_model(ref: str, device: str = "cpu"):
 # ----------------------------------------------------------------------------- k2 serve
 
 
-def build_app(ref: str, name: str | None = None, api_key: str | None = None, max_batch: int = 32,
-              default_max_tokens: int = 512, device: str = "cpu", max_waiting: int = 1024):
-    """(app, engine, served name) for a model artifact; the engine thread is started."""
+def _serve_extra():
+    """The app and server modules (FastAPI, uvicorn), or one clear line when the extra is missing."""
     try:
-        from k2cli.serve.app import create_app
+        from k2cli.serve import app, server
     except ImportError as e:
         # (no square brackets in the hint: the CLI prints errors with rich markup)
         raise K2Error(f"k2 serve needs the serve extra ({e.name} is missing)", "pip install fastapi uvicorn")
+    return app, server
+
+
+def build_app(ref: str, name: str | None = None, api_key: str | None = None, max_batch: int = 32,
+              default_max_tokens: int = 512, device: str = "auto", max_waiting: int = 1024, max_body_mb: float = 4.0,
+              body_timeout: float = 30.0, tools_ref: str | None = None):
+    """(app, engine, served name) for a model artifact; the engine thread is started."""
+    create_app = _serve_extra()[0].create_app
     from k2cli.serve.engine import Engine
 
     if max_batch < 1 or default_max_tokens < 1:
         raise K2Error("--max-batch and --max-tokens must be at least 1", "e.g. --max-batch 32 --max-tokens 512")
+    from k2cli.serve.tools import load_tool_world
+
+    world = load_tool_world(tools_ref) if tools_ref else None
     model, tokenizer, art = load_chat_model(ref, device)
     engine = Engine(model, max_batch=max_batch).start()
     served = name or art.id
     app = create_app(engine, tokenizer, served, aliases={ref, art.id}, api_key=api_key,
-                     default_max_tokens=default_max_tokens, max_waiting=max_waiting)
+                     default_max_tokens=default_max_tokens, max_waiting=max_waiting,
+                     max_body_bytes=int(max_body_mb * (1 << 20)), body_timeout=body_timeout, tools=world)
     return app, engine, served
 
 
@@ -73,14 +95,25 @@ def build_app(ref: str, name: str | None = None, api_key: str | None = None, max
               help="Completion budget when a request sets no max_tokens (capped by the context).")
 @click.option("--max-waiting", default=1024, show_default=True, type=click.IntRange(1),
               help="Queued requests beyond which new ones get 429 (server busy).")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")
+@click.option("--device", default="auto", show_default=True, help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads (default: torch's choice).")
-def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, max_waiting, device, threads):
-    """Serve MODEL over an OpenAI-compatible API: `/v1/models`, `/v1/chat/completions` (tools, streaming).
+@click.option("--tools", "tools_ref", default=None, metavar="DATASET_REF",
+              help="Give the web chat at / this dataset's tool world (its calls run on the server, shown in the page).")
+@click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest request body accepted (larger ones get 413 before they are read).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.01),
+              help="Seconds a connection has to send a complete request head (closes half-open and slow-loris ones).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.01),
+              help="Seconds a request body has to arrive (408 after that).")
+def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, max_waiting, device, threads,
+              tools_ref, max_body_mb, header_timeout, body_timeout):
+    """Serve MODEL over an OpenAI-compatible API: `/v1/models`, `/v1/chat/completions` (tools, streaming, logprobs),
+    `/v1/completions`; and a web chat page at `/`.
 
     Point any OpenAI client at the printed URL, e.g. `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")`.
     """
-    from k2cli.serve.server import bind, make_server, url_of
+    server_mod = _serve_extra()[1]
+    bind, make_server, url_of = server_mod.bind, server_mod.make_server, server_mod.url_of
 
     if threads:
         import torch
@@ -91,7 +124,8 @@ def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, m
     except OSError as e:
         raise K2Error(f"cannot listen on {host}:{port}: {e.strerror or e}", "choose another --port (0 picks a free one)")
     try:
-        app, engine, served = build_app(model, name, api_key, max_batch, default_max_tokens, device, max_waiting)
+        app, engine, served = build_app(model, name, api_key, max_batch, default_max_tokens, device, max_waiting,
+                                        max_body_mb, body_timeout, tools_ref)
     except BaseException:
         sock.close()
         raise
@@ -99,11 +133,12 @@ def serve_cmd(model, host, port, api_key, name, max_batch, default_max_tokens, m
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] serving on {host} without an API key: anyone who can reach it can use it")
     if not quiet():
-        err.print(f"serving [bold]{served}[/] (context {engine.context}, batch {max_batch}, "
-                  f"{'key required' if api_key else 'no key'}) on {url} — Ctrl-C stops", soft_wrap=True)
+        err.print(f"serving [bold]{served}[/] on {engine.device} (context {engine.context}, batch {max_batch}, "
+                  f"{'key required' if api_key else 'no key'}) on {url} — web chat at {url.removesuffix('/v1')}/ — "
+                  "Ctrl-C stops", soft_wrap=True)
     out.print(url, soft_wrap=True)
     sys.stdout.flush()
-    server = make_server(app, log_level="warning" if os.environ.get("K2_QUIET") else "info")
+    server = make_server(app, log_level="warning" if os.environ.get("K2_QUIET") else "info", header_timeout=header_timeout)
     try:
         server.run(sockets=[sock])
     finally:
@@ -160,7 +195,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             for _ in range(self.s.max_tool_rounds + 1):
-                turn = self._assistant_turn()
+                turn, began_call = self._assistant_turn()
                 msg = {"role": "assistant", "content": turn.content}
                 calls = [{"id": c["id"], "type": "function",
                           "function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
@@ -170,10 +205,9 @@ class ChatSession:
                 self.messages.append(msg)
                 for e in turn.errors:
                     self.echo_tool(f"! malformed tool call: {e}")
+                if began_call:  # without tools the call section is a stop token: the turn ended there
+                    self.echo_tool("! the model began a tool call, but no tool world is loaded (--tools DATASET_REF)")
                 if not calls:
-                    break
-                if not self.world:
-                    self.echo_tool("! the model called a tool, but no tool world is loaded (--tools DATASET_REF)")
                     break
                 self._run_calls(calls)
             else:
@@ -194,6 +228,7 @@ class ChatSession:
             self.messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
 
     def _assistant_turn(self):
+        from k2cli.data.chat import CALLS_BEGIN
         from k2cli.serve.engine import SamplingParams
         from k2cli.serve.turns import TurnDecoder, build_prompt
 
@@ -217,10 +252,11 @@ class ChatSession:
                 raise K2Error(f"generation failed: {value}")
         self.echo(decoder.flush())
         self.end()
-        return decoder.finish(reason)
+        began_call = not prompt.allow_tools and decoder.ids[-1:] == [self.tok.token_id(CALLS_BEGIN)]
+        return decoder.finish(reason), began_call
 
 
-def open_chat_engine(ref: str, device: str = "cpu"):
+def open_chat_engine(ref: str, device: str = "auto"):
     """(engine, tokenizer, name) for `k2 chat`: an inline (unthreaded) engine of one row.
 
     Test hook: tests replace this function (monkeypatch) to chat with a `serve.testing.ScriptedEngine`.
@@ -240,7 +276,7 @@ def open_chat_engine(ref: str, device: str = "cpu"):
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1), help="Per assistant turn.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="torch device: auto (cuda when available, else cpu), cpu, cuda, ...")
 def chat_cmd(model, system, tools_ref, temperature, top_p, max_tokens, seed, device):
     """Chat with MODEL in the terminal; tool calls are executed and shown. Commands: /reset, /save FILE, /quit."""
     from k2cli.serve.tools import load_tool_world
@@ -256,8 +292,9 @@ def chat_cmd(model, system, tools_ref, temperature, top_p, max_tokens, seed, dev
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover
         pass
-    tools_note = f", {len(world)} tools from {tools_ref}" if world else ""
-    err.print(f"[bold]k2 chat[/] with {name}{tools_note}. {HELP}", soft_wrap=True)
+    tools_note = (f"{len(world)} tools from {tools_ref}" if world else
+                  "no tools (pass --tools DATASET_REF to run the model's tool calls against a dataset's world)")
+    err.print(f"[bold]k2 chat[/] with {name}, {tools_note}. {HELP}", soft_wrap=True, markup=True)
     while True:
         click.echo("you> ", nl=False, err=True)
         line = sys.stdin.readline()
