@@ -2,7 +2,7 @@
 #
 #   make demo      the tiny end-to-end pipeline on CPU, ending in a report (13 min on 2 idle cores)
 #   make pipeline PRESET=small   the same chain at single-GPU scale
-#   make test      the test suite
+#   make test      the test suite (make test-browser: the web chat page in headless Chromium)
 #   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md; on CUDA: bf16, MFU)
 #   make reproduce the K2 report's claims re-measured at small scale (reproduce/REPORT.md)
 #   make reproduce-quick   the same experiments at micro size, a smoke run in minutes
@@ -19,7 +19,7 @@ K2         := $(BIN)/k2
 PRESET     ?= tiny
 export K2_ARTIFACTS ?= artifacts
 
-.PHONY: setup demo pipeline chain test bench reproduce reproduce-quick clean-artifacts help
+.PHONY: setup demo pipeline chain test test-browser bench reproduce reproduce-quick clean-artifacts help
 
 help:
 	@sed -n '1,12p' Makefile
@@ -34,6 +34,14 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The web chat page of `k2 serve` in a real browser: headless Chromium and ChromeDriver from Debian's
+# packages, installed when missing (as root; elsewhere the test skips, saying why). CI runs it after `make test`.
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "note: could not install chromium; the browser tests will skip"
+	$(BIN)/python -m pytest -q tests/test_web_chat.py
 
 # The pipeline, one stage per line, each skipped when its artifact is up to date with its recipe
 # and inputs (`k2 --reuse`), so rerunning after an interruption continues where it stopped.
