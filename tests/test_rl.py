@@ -171,7 +171,7 @@ def test_multi_turn_tool_episode_keeps_the_policy_tokens_apart(world, monkeypatc
     traj = start(pool.make(), "tools", 0, solved, 0, tok)
 
     def planner_turn(prompt):  # what the planner would write, as the tokens a model emits
-        return tok.encode(render_text([planner.next_turn(traj.env.episode).message()])[head:])
+        return tok.encode(render_text([planner.next_turn(traj.env.episode).message()]).split("<|im_assistant|>assistant<|im_middle|>", 1)[1])
 
     monkeypatch.setattr("k2cli.rl.rollout.generate", scripted_generate(planner_turn))
     run_rollouts(s.model, tok, [traj], {"tools": 150}, 512, 1.0, 0)
