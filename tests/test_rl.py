@@ -167,7 +167,6 @@ def test_multi_turn_tool_episode_keeps_the_policy_tokens_apart(world, monkeypatc
     tok, pool = s.tokenizer, s.pools["tools"]
     solved = [i for i, p in enumerate(pool.train) if not p["task"]["user"]["withheld"]][0]
     planner = PlannerPolicy()
-    head = len("<|im_assistant|>assistant<|im_middle|>")
     traj = start(pool.make(), "tools", 0, solved, 0, tok)
 
     def planner_turn(prompt):  # what the planner would write, as the tokens a model emits

@@ -55,6 +55,9 @@ SPECIAL_TOKENS = [
     "<|tool_call_end|>",
 ] + [f"<|reserved_{i}|>" for i in range(9)]
 
+# End-of-sequence tokens tried, in order, for a tokenizer whose config names none.
+COMMON_EOS = (EOT, "</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|eos|>")
+
 # Every file a tokenizer directory may consist of (copied verbatim into model artifacts and exports).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tiktoken.model", "tokenization_kimi.py")
@@ -121,7 +124,8 @@ class Tokenizer:
     def eot_id(self) -> int:
         """Document separator and padding: k2's <|endoftext|>, else the tokenizer's eos (or pad) token."""
         if self._eot_id is None:
-            for t in (EOT if self.kind == "k2" else None, self.config_token("eos_token"), self.config_token("pad_token"), EOT):
+            # without a config naming it (a bare tokenizer.json), the usual end-of-sequence names
+            for t in (EOT if self.kind == "k2" else None, self.config_token("eos_token"), self.config_token("pad_token"), *COMMON_EOS):
                 if t and t in self.specials:
                     self._eot_id = self.specials[t]
                     break
