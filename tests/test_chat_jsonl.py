@@ -64,6 +64,9 @@ def test_reader_renders_rows_and_trains_the_assistant(tok, tmp_path):
     data = build_sft_data(tok, {"chat": chat, "qa": qa}, cfg, seq_len=256, seed=0)
     assert data.counts["chat"]["used"] == 4 and data.counts["qa"]["used"] == 4  # chat: weight 1 unless mix.chat says otherwise
     assert data.counts["chat"]["trained_tokens"] == sum(sum(c["mask"]) for c in chat)
+    assert len(report.fingerprint) == 16 and load_chat(cfg, tok)[1].fingerprint == report.fingerprint
+    with pytest.raises(K2Error, match="chat source was not loaded"):
+        build_sft_data(tok, {"qa": qa}, cfg, seq_len=256, seed=0)
 
 
 BAD = [

@@ -17,6 +17,7 @@ bad (or none is good), with one error naming the first bad rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class ChatReport:
     rows: int = 0
     kept: int = 0
     skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason)
+    fingerprint: str = ""  # sha256 of the files' bytes: a run (and its resume) is tied to their content
 
     def summary(self, show: int = 5) -> str:
         """One line: counts, and the first skipped rows with their reasons."""
@@ -99,8 +101,9 @@ def read_chat_jsonl(paths, tokenizer, max_bad_fraction: float = 0.05) -> tuple[l
                       "add a chat_template to its tokenizer_config.json (or a chat_template.jinja file)")
     files = chat_files(paths)
     report = ChatReport([str(f) for f in files])
-    convs = []
+    convs, digest = [], hashlib.sha256()
     for f in files:
+        digest.update(f.read_bytes())
         with open(f, encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -118,6 +121,7 @@ def read_chat_jsonl(paths, tokenizer, max_bad_fraction: float = 0.05) -> tuple[l
                     continue
                 convs.append({**conv, "source": f"{f}:{n}", "ids": r.ids, "mask": r.mask})
                 report.kept += 1
+    report.fingerprint = digest.hexdigest()[:16]
     bad = len(report.skipped)
     if report.rows == 0:
         raise K2Error(f"the chat data ({', '.join(f.name for f in files)}) has no rows", "one JSON object per line")

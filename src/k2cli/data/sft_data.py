@@ -134,6 +134,8 @@ def mix_sources(convs: dict[str, list[dict]], mix: dict[str, float], cap: int, s
 
 
 def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, seq_len: int, seed: int) -> SFTData:
+    if cfg.chat and "chat" not in convs and cfg.mix.get("chat", 1.0) > 0:  # never drop the user's data silently
+        raise K2Error(f"data.chat names {', '.join(cfg.chat)} but the chat source was not loaded", "load it with sft_data.load_chat")
     counts = {name: {"conversations": len(items), "used": 0, "dropped_overlong": 0, "truncated": 0, "tokens": 0,
                      "trained_tokens": 0} for name, items in convs.items()}
     examples: list[tuple[list[int], list[bool]]] = []
