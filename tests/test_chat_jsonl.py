@@ -109,3 +109,22 @@ def test_reader_errors(tok, tmp_path):
     with pytest.raises(K2Error, match="has no chat template"):
         read_chat_jsonl(write(tmp_path / "a.jsonl", [PLAIN]), notemplate)
     assert notemplate.chat_template is None and tok.chat_template == CHAT_TEMPLATE
+
+
+def test_served_history_renders_as_trained(tok):
+    """A client's history with its own call ids renders exactly as the same row does in SFT."""
+    from k2cli.serve.turns import build_prompt
+
+    history = ROW["messages"][:4]
+    prompt = build_prompt(tok, history, TOOLS)
+    trained = read_rows_ids(tok, {"messages": ROW["messages"], "tools": TOOLS})
+    assert trained[: len(prompt.ids) - 3] == prompt.ids[:-3]  # all but the generation prompt
+    assert "<|im_system|>weather<|im_middle|>## Return of functions.weather:0\n" in tok.decode(prompt.ids)
+
+
+def read_rows_ids(tok, row):
+    from k2cli.data.chat import render
+    from k2cli.data.chat_jsonl import parse_row
+
+    conv = parse_row(json.dumps(row), "row")
+    return render(tok, conv["messages"], conv["tools"]).ids

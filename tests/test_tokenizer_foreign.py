@@ -192,3 +192,33 @@ def test_tiktoken_file_errors(tmp_path):
     (d / "tiktoken.model").write_text("not base64 at all\n")
     with pytest.raises(K2Error, match="cannot read"):
         load_tokenizer(d)
+
+
+def test_serving_turns_follow_the_template(tmp_path):
+    """k2 serve's prompt and turn parsing with an imported tokenizer: its template, its end-of-turn token,
+    JSON tool calls; a client's own call ids (call_abc) and tool results without a name are accepted."""
+    pytest.importorskip("transformers")
+    from k2cli.serve.turns import TurnDecoder, build_prompt
+
+    tok = load_tokenizer(hf_dir(tmp_path))
+    history = [{"role": "developer", "content": "You are a bank assistant."}, {"role": "user", "content": "Balance of A-17?"},
+               {"role": "assistant", "content": "Checking.", "tool_calls": [
+                   {"id": "call_abc", "type": "function", "function": {"name": "get_balance", "arguments": '{"account_id": "A-17"}'}}]},
+               {"role": "tool", "tool_call_id": "call_abc", "content": "1520"}]
+    prompt = build_prompt(tok, history, TOOLS)
+    assert prompt.stop_ids == tok.stop_ids and prompt.allow_tools
+    assert tok.decode(prompt.ids).endswith("<|start|>tool\n1520<|end|>\n<|start|>assistant\n")
+    with pytest.raises(K2Error, match="K2's tool-call tokens"):
+        build_prompt(tok, history, TOOLS, tool_choice="required")
+    dec = TurnDecoder(tok, allow_tools=True)
+    for i in tok.encode('Again.<tool_call>{"name": "get_balance", "arguments": {"account_id": "B-2"}}</tool_call>'):
+        dec.feed(i)
+    dec.feed(tok.token_id("<|end|>"))
+    turn = dec.finish("stop")
+    assert turn.finish_reason == "tool_calls" and turn.content == "Again."
+    assert json.loads(turn.tool_calls[0]["function"]["arguments"]) == {"account_id": "B-2"}
+    dec = TurnDecoder(tok)
+    for i in tok.encode("It is 1520."):
+        dec.feed(i)
+    dec.feed(tok.token_id("<|end|>"))
+    assert dec.finish("stop").content == "It is 1520."

@@ -153,6 +153,8 @@ class TurnDecoder:
         self.special = _specials(tokenizer)
         eos = tokenizer.config_token("eos_token") if hasattr(tokenizer, "config_token") else None
         self.ends = [t for t in (*tokenizer.end_of_turn, eos, EOT) if t]  # where the turn's text ends
+        # where tool calls start: K2's section, else the <tool_call> blocks other templates use (best effort)
+        self.calls_start = CALLS_BEGIN if tokenizer.has_token(CALLS_BEGIN) else "<tool_call>"
 
     def _raw(self) -> str:
         return self.prefix + self.tok.decode(self.ids)
@@ -160,7 +162,7 @@ class TurnDecoder:
     def _content(self, raw: str, final: bool) -> str:
         for end in self.ends:
             text = raw = raw.split(end, 1)[0]
-        text = self.special.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
+        text = self.special.sub("", text.split(self.calls_start, 1)[0]).lstrip()
         for s in self.stop:
             k = text.find(s)
             if k >= 0:
