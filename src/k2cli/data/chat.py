@@ -246,7 +246,7 @@ def _jinja(tokenizer, messages, tools, add_generation_prompt, spans: bool = Fals
     """Render the tokenizer's chat template with transformers' renderer (the one apply_chat_template uses)."""
     template = tokenizer.chat_template
     if not template:
-        raise K2Error(f"the tokenizer{tokenizer._where()} has no chat template",
+        raise K2Error(f"the tokenizer{tokenizer.where} has no chat template",
                       "give its tokenizer_config.json a chat_template (or a chat_template.jinja file)")
     try:
         from transformers.utils.chat_template_utils import render_jinja_template

@@ -97,7 +97,7 @@ def read_chat_jsonl(paths, tokenizer, max_bad_fraction: float = 0.05) -> tuple[l
     Raises K2Error when the tokenizer has no chat template, when no row is usable, or when the bad rows are
     more than `max_bad_fraction` of all."""
     if not tokenizer.chat_template:
-        raise K2Error(f"the model's tokenizer{tokenizer._where()} has no chat template, so chat data cannot be rendered",
+        raise K2Error(f"the model's tokenizer{tokenizer.where} has no chat template, so chat data cannot be rendered",
                       "add a chat_template to its tokenizer_config.json (or a chat_template.jinja file)")
     files = chat_files(paths)
     report = ChatReport([str(f) for f in files])

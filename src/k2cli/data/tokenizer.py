@@ -108,12 +108,14 @@ class Tokenizer:
     def token_id(self, token: str) -> int:
         i = self.specials.get(token)
         if i is None:
-            raise K2Error(f"the {self.kind} tokenizer{self._where()} has no special token {token!r}",
+            raise K2Error(f"the {self.kind} tokenizer{self.where} has no special token {token!r}",
                           "this token belongs to another chat format; use the tokenizer's own (tokenizer.stop_ids, "
                           "k2cli.data.chat.render / parse_turn)")
         return i
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """' in DIR' for messages, when the tokenizer came from files."""
         return f" in {self.source}" if self.source else ""
 
     def config_token(self, name: str) -> str | None:
@@ -130,7 +132,7 @@ class Tokenizer:
                     self._eot_id = self.specials[t]
                     break
             else:
-                raise K2Error(f"the {self.kind} tokenizer{self._where()} names no end-of-sequence token",
+                raise K2Error(f"the {self.kind} tokenizer{self.where} names no end-of-sequence token",
                               "set eos_token in its tokenizer_config.json")
         return self._eot_id
 
