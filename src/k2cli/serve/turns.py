@@ -1,7 +1,10 @@
 """From OpenAI-shaped messages to prompt ids, and from generated ids back to an assistant turn.
 
-Shared by the server and the terminal chat, so both speak exactly k2's chat format
-(`k2cli.data.chat`): the same rendering SFT trained on, the same parser RL scores with.
+Shared by the server and the terminal chat, so both speak exactly the model's chat format
+(`k2cli.data.chat`: Kimi K2's template for models k2 trained, the tokenizer's own for imported ones):
+the same rendering SFT trained on, the same parser RL scores with, the template's end-of-turn token as
+the stop. A client's tool-call ids are renamed to K2's convention (as SFT data is), and a tool result
+gets its call's function name (K2's template shows it).
 
     build_prompt(tokenizer, messages, tools, tool_choice) -> Prompt(ids, prefix, allow_tools)
     TurnDecoder(tokenizer, stop, prefix).feed(token) -> content text safe to show now
@@ -15,6 +18,8 @@ tool_choice is carried out on the prompt, not by constraining the sampler:
                (`...<|tool_call_begin|>functions.X:<n><|tool_call_argument_begin|>`), n being the
                number of tool calls earlier in the conversation, as K2's ids count them.
 Pre-filling forces a call to start; whether the model writes valid JSON arguments is up to it.
+"required" and a named function need K2's tool-call tokens; with another template only "auto" and
+"none" are carried out.
 """
 
 from __future__ import annotations
