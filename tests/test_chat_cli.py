@@ -95,7 +95,7 @@ def test_chat_runs_tool_calls_against_the_world(chat, scripted, world_ref, tmp_p
     assert {t["function"]["name"] for t in saved["tools"]} == {"find_person", "city_info", "organisation_info"}
     assert json.loads(empty.read_text())["messages"] == [{"role": "system", "content": "You answer from the directory."}]
     # the tools were declared in the prompt the model saw
-    assert '"name": "find_person"' in scripted.prompts[0]
+    assert '"name":"find_person"' in scripted.prompts[0]  # compact JSON, as K2's template
 
 
 def test_chat_without_a_tool_world_and_runaway_tool_loops(chat, scripted, tok, tmp_path):

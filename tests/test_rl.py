@@ -167,11 +167,10 @@ def test_multi_turn_tool_episode_keeps_the_policy_tokens_apart(world, monkeypatc
     tok, pool = s.tokenizer, s.pools["tools"]
     solved = [i for i, p in enumerate(pool.train) if not p["task"]["user"]["withheld"]][0]
     planner = PlannerPolicy()
-    head = len("<|im_assistant|>assistant<|im_middle|>")
     traj = start(pool.make(), "tools", 0, solved, 0, tok)
 
     def planner_turn(prompt):  # what the planner would write, as the tokens a model emits
-        return tok.encode(render_text([planner.next_turn(traj.env.episode).message()])[head:])
+        return tok.encode(render_text([planner.next_turn(traj.env.episode).message()]).split("<|im_assistant|>assistant<|im_middle|>", 1)[1])
 
     monkeypatch.setattr("k2cli.rl.rollout.generate", scripted_generate(planner_turn))
     run_rollouts(s.model, tok, [traj], {"tools": 150}, 512, 1.0, 0)

@@ -537,7 +537,7 @@ def test_tool_call_round_trip(scripted):
     (call,) = choice.message.tool_calls
     assert (call.id, call.type, call.function.name) == ("functions.find_person:0", "function", "find_person")
     assert json.loads(call.function.arguments) == {"name": "Anna Berg"}  # arguments: a JSON string, OpenAI style
-    assert '"name": "find_person"' in engine.prompts[-1]  # the tools were declared to the model
+    assert '"name":"find_person"' in engine.prompts[-1]  # the tools were declared to the model (compact JSON, as K2's template)
     messages += [choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"birth_city": "Oslo"})}]
     r = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, temperature=0)

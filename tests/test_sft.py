@@ -45,9 +45,9 @@ def test_overlong_dropped_or_truncated(setup):
     data, chats, model = setup
     tok = load_tokenizer(model.path)
     convs = {"agentic": load_conversations("agentic", chats), "qa": load_conversations("qa", data)}
-    dropped = build_sft_data(tok, convs, SFTDataConfig(mix={"agentic": 1.0, "qa": 1.0}), seq_len=20, seed=0)
+    dropped = build_sft_data(tok, convs, SFTDataConfig(mix={"agentic": 1.0, "qa": 1.0}), seq_len=64, seed=0)  # agentic rows (174+ tokens) overlong, QA rows (55-57) fit
     assert dropped.counts["agentic"]["dropped_overlong"] == 6 and dropped.counts["agentic"]["used"] == 0
-    kept = build_sft_data(tok, convs, SFTDataConfig(mix={"agentic": 1.0, "qa": 1.0}, overlong="truncate"), seq_len=20, seed=0)
+    kept = build_sft_data(tok, convs, SFTDataConfig(mix={"agentic": 1.0, "qa": 1.0}, overlong="truncate"), seq_len=64, seed=0)
     assert kept.counts["agentic"]["truncated"] == 6
 
 

@@ -157,7 +157,7 @@ class ModelPolicy:
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.label = label
         self.context = model.config.max_position_embeddings
-        self.stop = (tokenizer.token_id("<|im_end|>"), tokenizer.eot_id)
+        self.stop = tokenizer.stop_ids  # the template's end-of-turn token(s), then end-of-sequence
         self.calls = 0
 
     @classmethod

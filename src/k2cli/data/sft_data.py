@@ -6,13 +6,16 @@ Sources (all optional, weighted by the recipe's mix):
   * qa       — `qa_train/` of a synthetic-world dataset: one question, one short answer
                (Physics of Language Models 3.1: QA fine-tuning on half the people);
   * math     — `math/`: word problems answered with step-by-step solutions;
+  * chat     — your own chat data: OpenAI/TRL `messages` (+ `tools`) JSONL files or directories
+               (data.chat; `k2cli.data.chat_jsonl`), already rendered with the model's own template;
+               bad rows are skipped and reported (docs/sft.md);
   * corpus   — plain documents of the model's pre-training corpus (its training split, found in the
                lineage), loss on every token: replay, so that fine-tuning a small model on more
                tokens than it was pre-trained on does not erase its language model (the tiny demo's
                SFT, without it, takes held-out text loss from 0.87 to 5.8 nats, about the unigram
                entropy). Replayed documents never enter the validation split.
 
-Every conversation is checked for role order, rendered with the chat template (loss on the
+Every conversation is checked for role order, rendered with the model's chat template (loss on the
 assistant's tokens only), and dropped or truncated when it does not fit the context — both
 counted.
 """
@@ -29,7 +32,7 @@ from k2cli.data.chat import render, validate_conversation
 from k2cli.data.packing import PackedData, pack
 from k2cli.errors import K2Error
 
-SOURCES = ("agentic", "qa", "math", "corpus")
+SOURCES = ("agentic", "qa", "math", "chat", "corpus")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class SFTDataConfig:
     agentic: str = "agentic:latest"  # dataset artifact with chat/ ("" to skip)
     knowledge: str = ""  # dataset artifact with qa_train/ and math/; "" = the nearest one in the model's lineage
     corpus: str = ""  # replayed documents (mix.corpus > 0); "" = the model's pre-training corpus, from its lineage
+    chat: list[str] = field(default_factory=list)  # OpenAI/TRL chat JSONL files or directories (weight: mix.chat, default 1)
+    max_bad_fraction: float = 0.05  # chat rows that cannot be rendered are skipped; more than this fraction fails
     mix: dict[str, float] = field(default_factory=lambda: {"agentic": 1.0, "qa": 1.0, "math": 1.0})
     max_per_source: int = 0  # cap per source before mixing; 0 = no cap
     val_fraction: float = 0.05
@@ -50,6 +55,8 @@ class SFTDataConfig:
                 raise K2Error(f"unknown SFT source '{k}' in data.mix", f"valid: {', '.join(SOURCES)}")
             if v < 0:
                 raise K2Error(f"data.mix.{k} must be >= 0", "use a non-negative weight")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise K2Error(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}", "e.g. 0.05")
 
 
 def qa_conversation(row: dict) -> dict:
@@ -69,6 +76,14 @@ def _load_subset(art, name: str):
     if not path.is_dir():
         return None
     return datasets.load_from_disk(str(path))
+
+
+def load_chat(cfg: SFTDataConfig, tokenizer):
+    """The chat source: data.chat's JSONL rows, rendered with `tokenizer` -> (conversations, ChatReport).
+    Conversations carry their ids + mask, so build_sft_data does not render them again."""
+    from k2cli.data.chat_jsonl import read_chat_jsonl
+
+    return read_chat_jsonl(cfg.chat, tokenizer, cfg.max_bad_fraction)
 
 
 def load_conversations(source: str, art) -> list[dict]:
@@ -109,7 +124,7 @@ def mix_sources(convs: dict[str, list[dict]], mix: dict[str, float], cap: int, s
     for name, items in convs.items():
         if cap:
             items = items[:cap]
-        w = mix.get(name, 0.0)
+        w = mix.get(name, 1.0 if name == "chat" else 0.0)  # given chat files train unless mix.chat says otherwise
         n = int(round(w * len(items)))
         if not items or n == 0:
             continue
@@ -119,6 +134,8 @@ def mix_sources(convs: dict[str, list[dict]], mix: dict[str, float], cap: int, s
 
 
 def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, seq_len: int, seed: int) -> SFTData:
+    if cfg.chat and "chat" not in convs and cfg.mix.get("chat", 1.0) > 0:  # never drop the user's data silently
+        raise K2Error(f"data.chat names {', '.join(cfg.chat)} but the chat source was not loaded", "load it with sft_data.load_chat")
     counts = {name: {"conversations": len(items), "used": 0, "dropped_overlong": 0, "truncated": 0, "tokens": 0,
                      "trained_tokens": 0} for name, items in convs.items()}
     examples: list[tuple[list[int], list[bool]]] = []
@@ -132,9 +149,12 @@ def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, 
             counts[name]["trained_tokens"] += len(ids)
             replay.append((ids, [True] * len(ids)))
             continue
-        validate_conversation(conv["messages"])
-        r = render(tokenizer, conv["messages"], conv.get("tools"))
-        ids, mask = r.ids, r.mask
+        if "ids" in conv:  # the chat source comes rendered (and checked) by chat_jsonl
+            ids, mask = conv["ids"], conv["mask"]
+        else:
+            validate_conversation(conv["messages"])
+            r = render(tokenizer, conv["messages"], conv.get("tools"))
+            ids, mask = r.ids, r.mask
         if len(ids) + 1 > seq_len + 1:
             if cfg.overlong == "drop":
                 counts[name]["dropped_overlong"] += 1

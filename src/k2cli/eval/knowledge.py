@@ -38,7 +38,7 @@ def chat_prompt(ctx, question: str) -> list[int]:
 @torch.no_grad()
 def complete(ctx, prompts: list[list[int]], max_new_tokens: int, samples: int = 1) -> list[list[str]]:
     """Texts generated for each prompt (`samples` of them: greedy when 1, sampled otherwise)."""
-    stop = (ctx.tokenizer.token_id("<|im_end|>"), ctx.tokenizer.eot_id)
+    stop = ctx.tokenizer.stop_ids  # the template's end-of-turn token(s), then end-of-sequence
     out: list[list[str]] = [[] for _ in prompts]
     for k in range(samples):
         temperature = 0.0 if samples == 1 else ctx.cfg.temperature

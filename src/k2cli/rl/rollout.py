@@ -90,7 +90,7 @@ def run_rollouts(model, tokenizer, trajs: list[Trajectory], budgets: dict[str, i
                  seed: int, top_p: float = 1.0, batch_size: int = 64) -> list[Trajectory]:
     """Advance every trajectory to its end. One round = one turn of every active episode, generated
     in batches of similar prompt lengths (less padding); each row is cut at its own allowance."""
-    stop = (tokenizer.token_id("<|im_end|>"), tokenizer.eot_id)
+    stop = tokenizer.stop_ids  # the template's end-of-turn token(s), then end-of-sequence
     was_training = model.training
     model.eval()
     try:

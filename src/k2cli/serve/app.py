@@ -51,7 +51,7 @@ from k2cli.serve import page, schemas
 from k2cli.serve.engine import SamplingParams
 from k2cli.serve.schemas import APIError
 from k2cli.serve.tools import execute, tool_schemas
-from k2cli.serve.turns import SPECIAL_PATTERN, Prompt, TextDecoder, Turn, TurnDecoder, build_prompt, token_bytes
+from k2cli.serve.turns import Prompt, TextDecoder, Turn, TurnDecoder, build_prompt, token_bytes
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far more text than any k2 model's context holds
 BODY_TIMEOUT_S = 30.0
@@ -342,8 +342,8 @@ class _Choice:
             return
         pending, self.pending = self.pending, None
         piece = self.tok.decode([token])
-        self.closed |= self.d.stopped or piece in _ENDS_CONTENT
-        if self.closed or pending is None or SPECIAL_PATTERN.fullmatch(piece):  # other special tokens show as nothing
+        self.closed |= self.d.stopped or piece in (*self.tok.end_of_turn, *_ENDS_CONTENT)
+        if self.closed or pending is None or piece in self.tok.specials:  # other special tokens show as nothing
             return
         lp, top = pending
         self.entries.append((self.tok.decode([token]), token_bytes(self.tok, token), lp,

@@ -1,7 +1,10 @@
 """From OpenAI-shaped messages to prompt ids, and from generated ids back to an assistant turn.
 
-Shared by the server and the terminal chat, so both speak exactly k2's chat format
-(`k2cli.data.chat`): the same rendering SFT trained on, the same parser RL scores with.
+Shared by the server and the terminal chat, so both speak exactly the model's chat format
+(`k2cli.data.chat`: Kimi K2's template for models k2 trained, the tokenizer's own for imported ones):
+the same rendering SFT trained on, the same parser RL scores with, the template's end-of-turn token as
+the stop. A client's tool-call ids are renamed to K2's convention (as SFT data is), and a tool result
+gets its call's function name (K2's template shows it).
 
     build_prompt(tokenizer, messages, tools, tool_choice) -> Prompt(ids, prefix, allow_tools)
     TurnDecoder(tokenizer, stop, prefix).feed(token) -> content text safe to show now
@@ -17,6 +20,8 @@ tool_choice is carried out on the prompt, not by constraining the sampler:
                (`...<|tool_call_begin|>functions.X:<n><|tool_call_argument_begin|>`), n being the
                number of tool calls earlier in the conversation, as K2's ids count them.
 Pre-filling forces a call to start; whether the model writes valid JSON arguments is up to it.
+"required" and a named function need K2's tool-call tokens; with another template only "auto" and
+"none" are carried out.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from k2cli.data.chat import CALL_ARGS, CALL_BEGIN, CALLS_BEGIN, END, call_id, parse_assistant, render, validate_conversation
-from k2cli.data.tokenizer import EOT, SPECIAL_TOKENS
+from k2cli.data.chat import (CALL_ARGS, CALL_BEGIN, CALLS_BEGIN, END, call_id, content_text, parse_turn, render,
+                              template_call_ids, validate_conversation)
+from k2cli.data.tokenizer import EOT, TiktokenTokenizer
 from k2cli.errors import K2Error
 
-SPECIAL_PATTERN = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
+def special_pattern(tokenizer) -> re.Pattern:
+    """The tokenizer's special tokens as one regex (longest first), to strip them from shown content."""
+    names = sorted((t for t in tokenizer.specials if t), key=len, reverse=True) or [END, EOT]
+    return re.compile("|".join(map(re.escape, names)))
 
 
 @dataclass
@@ -40,29 +51,15 @@ class Prompt:
     stop_ids: tuple[int, ...] = ()
 
 
-def _text(content) -> str | None:
-    """OpenAI content: a string, None, or a list of parts ({"type": "text", "text": ...})."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for p in content:
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            else:
-                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-                raise K2Error(f"content part of type {kind!r} is not supported", "send text content only")
-        return "".join(parts)
-    raise K2Error("message content must be a string or a list of text parts", "send text content")
-
-
 def normalize_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI request messages -> the dicts `chat.render` takes (developer is a system message)."""
-    out = []
+    """OpenAI request messages -> the dicts `chat.render` takes (developer is a system message; a tool
+    result gets its call's function name, which K2's template shows; call ids in K2's convention, as SFT
+    data has them: `chat.template_call_ids`)."""
+    out, names = [], {}
     for i, m in enumerate(messages):
         role = m.get("role")
         role = "system" if role == "developer" else role
-        msg = {"role": role, "content": _text(m.get("content"))}
+        msg = {"role": role, "content": content_text(m.get("content"), f"message {i}")}
         if role == "assistant" and m.get("tool_calls"):
             calls = []
             for c in m["tool_calls"]:
@@ -71,13 +68,17 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                     raise K2Error(f"message {i}: a tool call needs an id and function.name", "send the tool_calls the server returned")
                 args = fn.get("arguments", "{}")
                 calls.append({"id": c["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}})
+                names[c["id"]] = fn["name"]
             msg["tool_calls"] = calls
         if role == "tool":
             if not m.get("tool_call_id"):
                 raise K2Error(f"message {i}: a tool message needs tool_call_id", "answer a tool call by its id")
             msg["tool_call_id"] = m["tool_call_id"]
+            name = m.get("name") or names.get(m["tool_call_id"])
+            if name:
+                msg["name"] = name
         out.append(msg)
-    return out
+    return template_call_ids(out)[0]
 
 
 def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> Prompt:
@@ -95,11 +96,15 @@ def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = Non
         if not tools:
             raise K2Error(f"tool_choice {json.dumps(choice)} needs tools", "pass tools, or use tool_choice 'auto'")
     ids = render(tokenizer, messages, tools, add_generation_prompt=True).ids
-    stop_ids = (tokenizer.token_id(END), tokenizer.token_id(EOT))
+    stop_ids = tokenizer.stop_ids  # the template's end-of-turn token(s), then end-of-sequence
+    k2_calls = tokenizer.has_token(CALLS_BEGIN)  # tool choice is carried out with K2's tool-call markers
     if choice == "none":
-        return Prompt(ids, "", False, stop_ids + (tokenizer.token_id(CALLS_BEGIN),))
+        return Prompt(ids, "", False, stop_ids + ((tokenizer.token_id(CALLS_BEGIN),) if k2_calls else ()))
     if choice == "auto":
         return Prompt(ids, "", True, stop_ids)
+    if not k2_calls:
+        raise K2Error(f"tool_choice {json.dumps(choice)} needs K2's tool-call tokens, which this model's tokenizer does not have",
+                      "use tool_choice 'auto' or 'none'")
     if choice == "required":
         prefix = CALLS_BEGIN
     elif isinstance(choice, dict):
@@ -116,10 +121,11 @@ def build_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = Non
 def encode_with_specials(tokenizer, text: str) -> list[int]:
     """Ids of text that contains special tokens: each special is its one id, the text between is
     BPE-encoded piece by piece, as `chat.render` does."""
+    special = special_pattern(tokenizer)
     ids: list[int] = []
-    for piece in re.split(f"({SPECIAL_PATTERN.pattern})", text):
+    for piece in re.split(f"({special.pattern})", text):
         if piece:
-            ids += [tokenizer.token_id(piece)] if SPECIAL_PATTERN.fullmatch(piece) else tokenizer.encode(piece)
+            ids += [tokenizer.token_id(piece)] if special.fullmatch(piece) else tokenizer.encode(piece)
     return ids
 
 
@@ -183,8 +189,10 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
         keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
         extra = [b for b in range(256) if b not in keep]
         _BYTE_OF.update({chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(extra)})
+    if isinstance(tokenizer, TiktokenTokenizer):  # its ranks are bytes already
+        return tokenizer.model.decode_single_token_bytes(token_id)
     piece = tokenizer.tok.id_to_token(token_id) or ""
-    if piece and all(c in _BYTE_OF for c in piece) and not SPECIAL_PATTERN.fullmatch(piece):
+    if piece and all(c in _BYTE_OF for c in piece) and piece not in tokenizer.specials:
         return bytes(_BYTE_OF[c] for c in piece)
     return piece.encode()
 
@@ -220,13 +228,19 @@ class TurnDecoder:
         self.ids: list[int] = []
         self.sent = ""  # content already returned by feed()
         self.stopped = False  # a stop string matched: the caller should cancel this choice
+        self.special = special_pattern(tokenizer)
+        eos = tokenizer.config_token("eos_token") if hasattr(tokenizer, "config_token") else None
+        self.ends = [t for t in (*tokenizer.end_of_turn, eos, EOT) if t]  # where the turn's text ends
+        # where tool calls start: K2's section, else the <tool_call> blocks other templates use (best effort)
+        self.calls_start = CALLS_BEGIN if tokenizer.has_token(CALLS_BEGIN) else "<tool_call>"
 
     def _raw(self) -> str:
         return self.prefix + self.tok.decode(self.ids)
 
     def _content(self, raw: str, final: bool) -> str:
-        text = raw.split(END, 1)[0].split(EOT, 1)[0]
-        text = SPECIAL_PATTERN.sub("", text.split(CALLS_BEGIN, 1)[0]).lstrip()
+        for end in self.ends:
+            text = raw = raw.split(end, 1)[0]
+        text = self.special.sub("", text.split(self.calls_start, 1)[0]).lstrip()
         text, stopped = settled(text, self.stop, final)
         self.stopped |= stopped
         return text.rstrip()
@@ -252,9 +266,11 @@ class TurnDecoder:
         """reason: the engine's ("stop" | "length"), or "stop" after a stop string."""
         raw = self._raw()
         content = self._content(raw, final=True)
-        if self.stopped or not self.allow_tools or CALLS_BEGIN not in raw.split(END, 1)[0]:
+        parsed = parse_turn(self.tok, raw)
+        if self.stopped or not self.allow_tools or not (parsed.tool_calls or parsed.errors):
             return Turn(content, [], "stop" if self.stopped else reason)
-        parsed = parse_assistant(raw)
+        if CALLS_BEGIN not in raw:  # a template's JSON calls (no K2 markers): the content is the text before them
+            content = parsed.content
         calls = [{"id": c["id"], "type": "function",
                   "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
                  for c in parsed.tool_calls]
