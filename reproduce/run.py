@@ -31,8 +31,10 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the `reproduce` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import `reproduce` from the repository root, and not this
+    # folder's modules as top-level names (python puts the script's folder first on the path)
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
 
 from reproduce.common import HERE, K2, PRESETS, Context, Section, Skipped, StepFailed, k2_executable  # noqa: E402
 from reproduce.experiments import context, optimizers, rephrasing, rl, sparsity  # noqa: E402
