@@ -1,14 +1,17 @@
-"""`make reproduce` (reproduce/run.py): the statistics it judges with, and experiment 1 of its
---quick preset end to end on real (micro) artifacts, rendered into REPORT.md with its plots.
+"""`make reproduce` (reproduce/): the statistics and verdict rules it judges with, every experiment module
+on fabricated artifacts (commands recorded, numbers read back, plots, report text, verdicts), and experiment 1
+of its --quick preset end to end on real (micro) artifacts, rendered into REPORT.md with its plots.
 
 The driver normally starts one `k2` process per step; here the same command lines run in-process
-through the CLI (`InProcessK2`), which saves the process start-up (torch import) of every step.
+through the CLI (`InProcessK2`), which saves the process start-up (torch import) of every step, or
+not at all (`Recorder`: every step "up to date", over artifacts the test wrote).
 The whole --quick preset (all experiments) takes minutes on 2 cores: that is `make reproduce-quick`,
 not a unit test.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,17 +23,10 @@ import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the `reproduce` package sits at the top of the repository
 
-
-def load_driver():
-    spec = importlib.util.spec_from_file_location("reproduce_run", REPO / "reproduce" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_run"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run = load_driver()
+from reproduce import common, run, stats  # noqa: E402
+from reproduce.experiments import context, optimizers, rephrasing, rl, sparsity  # noqa: E402
 
 
 class InProcessK2(run.K2):
@@ -57,33 +53,251 @@ class InProcessK2(run.K2):
 
 def test_tokens_to_reach_interpolates_the_first_crossing():
     curve = [(100, 3.0), (200, 2.0), (300, 1.5), (400, 1.2)]
-    assert run.tokens_to_reach(curve, 1.75) == pytest.approx(250)
-    assert run.tokens_to_reach(curve, 3.5) == 100  # reached at the first point
-    assert run.tokens_to_reach(curve, 1.0) is None  # never reached
+    assert stats.tokens_to_reach(curve, 1.75) == pytest.approx(250)
+    assert stats.tokens_to_reach(curve, 3.5) == 100  # reached at the first point
+    assert stats.tokens_to_reach(curve, 1.0) is None  # never reached
 
 
 def test_budget_to_reach_interpolates_in_log_tokens():
     pts = [(400, 1.2), (100, 2.0), (200, 1.6)]  # unsorted on purpose
-    t, how = run.budget_to_reach(pts, 1.6)
+    t, how = stats.budget_to_reach(pts, 1.6)
     assert how == "interpolated" and t == pytest.approx(200)
-    t, how = run.budget_to_reach(pts, 1.4)  # halfway between log(200) and log(400)
+    t, how = stats.budget_to_reach(pts, 1.4)  # halfway between log(200) and log(400)
     assert how == "interpolated" and t == pytest.approx(math.sqrt(200 * 400))
-    assert run.budget_to_reach(pts, 2.5) == (100, "below smallest budget")
-    assert run.budget_to_reach(pts, 1.0) == (None, "not reached")
+    assert stats.budget_to_reach(pts, 2.5) == (100, "below smallest budget")
+    assert stats.budget_to_reach(pts, 1.0) == (None, "not reached")
 
 
 def test_differs_uses_twice_the_noise():
-    assert run.differs(1.0, 1.3, 0.1) is True
-    assert run.differs(1.0, 1.15, 0.1) is False
-    assert run.differs(1.0, 2.0, None) is None
-    assert run.binom_se(0.5, 100) == pytest.approx(0.05)
+    assert stats.differs(1.0, 1.3, 0.1) is True
+    assert stats.differs(1.0, 1.15, 0.1) is False
+    assert stats.differs(1.0, 2.0, None) is None
+    assert stats.binom_se(0.5, 100) == pytest.approx(0.05)
 
 
 def test_presets_cover_every_experiment_knob():
-    keys = set(run.PRESETS["cpu"])
-    for name, p in run.PRESETS.items():
+    keys = set(common.PRESETS["cpu"])
+    for name, p in common.PRESETS.items():
         assert set(p) == keys, name
         assert (REPO / "recipes" / p["base"]).is_dir(), name
+
+
+def test_reuse_is_detected_from_the_stage_layers_words():
+    assert common.was_up_to_date("resolving...\nup to date: pretrain/v3 (same recipe and inputs)\n")
+    assert not common.was_up_to_date("step 12/12 loss 2.1\nwrote pretrain/v4\n")
+
+
+def test_judge_takes_the_first_rule_that_holds_and_quotes_the_measurement():
+    rules = [stats.Rule("none", lambda c: c.a is None), stats.Rule("big: {a:.1f} > {twice_noise:.2f}", lambda c: c.a > 1),
+             stats.Rule("small")]
+    assert stats.judge(rules, stats.Comparison(None, 0.0, 0.1)) == "none"
+    assert stats.judge(rules, stats.Comparison(2.0, 0.0, 0.1)) == "big: 2.0 > 0.20"  # a property is a field too
+    assert stats.judge(rules, stats.Comparison(0.5, 0.0, 0.1)) == "small"
+    with pytest.raises(ValueError):
+        stats.judge(rules[:1], stats.Comparison(1.0, 0.0, 0.1))  # no rule held and no fallback
+    beats = lambda a, b, noise: stats.judge(stats.BEATS, stats.Comparison(a, b, noise))  # noqa: E731
+    assert beats(0.9, 0.6, 0.05) == "reproduced"
+    assert beats(0.6, 0.9, 0.05) == "not reproduced (reversed beyond noise)"
+    assert beats(0.62, 0.6, 0.05) == "within noise (2 s.e. = 0.100)"
+    assert beats(0.62, 0.6, None) == "reproduced" and beats(None, 0.6, 0.05) == "not measured"
+
+
+# ----------------------------------------------------------------------------- every experiment, fabricated artifacts
+#
+# Each experiment module runs whole (commands, measure, plots, section, summary) against a runner that runs
+# nothing: every step answers "up to date", and the artifacts the experiment reads back are written here,
+# with numbers chosen so that each verdict is known in advance.
+
+
+class Recorder(run.K2):
+    """The driver's runner with no `k2` behind it: every step is up to date (k2 rl exists unless `no_rl`)."""
+
+    no_rl = False
+
+    def execute(self, argv, log, env):
+        if self.no_rl and argv[:1] == ["rl"]:
+            return 2
+        log.write(f"up to date: {argv[-1]}\n")
+        return 0
+
+
+def fake(root: Path, name: str, metrics: dict | None = None, *, kind="model", recipe=None, history=(), files=None):
+    """A version-1 artifact ROOT/name/v1 with ROOT/name/latest -> v1, as `k2` writes one."""
+    d = root / name / "v1"
+    d.mkdir(parents=True)
+    manifest = {"schema_version": 1, "kind": kind, "stage": name, "id": f"{name}/v1", "files": {},
+                "metrics": metrics or {}, "recipe": recipe or {}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    if history:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    for fname, content in (files or {}).items():
+        (d / fname).write_bytes(content) if isinstance(content, bytes) else (d / fname).write_text(content)
+    (root / name / "latest").symlink_to("v1")
+
+
+def quick_context(tmp_path, runner=Recorder) -> common.Context:
+    root, report = tmp_path / "root", tmp_path / "report"
+    report.mkdir(parents=True)
+    return common.Context("quick", common.PRESETS["quick"], root, report, runner(root=root, exe="k2"))
+
+
+def run_section(exp, ctx) -> common.Section:
+    sec = common.Section(exp.KEY, exp.TITLE)
+    ctx.k2.exp = exp.KEY
+    run.run_experiment(exp, ctx, sec)
+    for png in sec.plots:
+        assert (ctx.report_dir / png).stat().st_size > 1000, png
+        assert f"]({png})" in "\n".join(sec.body)
+    return sec
+
+
+def verdicts(sec) -> list[str]:
+    return [row[3] for row in sec.summary]
+
+
+def test_optimizers_measures_and_judges_fabricated_runs(tmp_path):
+    from k2cli.model.config import ModelConfig
+
+    ctx = quick_context(tmp_path)
+    tps = 4 * 128  # the quick preset's batch x seq
+    val = lambda *vs: [{"step": 4 * (i + 1), "loss": v + 0.1, "val_loss": v} for i, v in enumerate(vs)]  # noqa: E731
+    fake(ctx.root, "opt-muonclip-s0", {"final_val_loss": 2.0, "params_total": 1000, "params_active": 500,
+                                       "heads_clipped_total": 0}, history=val(2.8, 2.3, 2.0))
+    fake(ctx.root, "opt-muon", {"final_val_loss": 1.9}, history=val(2.6, 2.1, 1.9))
+    fake(ctx.root, "opt-adamw-lr0.01", {"final_val_loss": 2.2}, history=val(2.9, 2.5, 2.2))
+    # at the high lr: Muon's logits reach 50; the clip holds them near tau = 5 and stops firing after step 3
+    fake(ctx.root, "opt-logit-muon", {"final_val_loss": 2.5},
+         history=[{"step": s, "loss": 3.0, "max_logit": 4.0 * s, **({"val_loss": 2.5} if s == 12 else {})} for s in range(1, 13)])
+    fake(ctx.root, "opt-logit-muonclip", {"final_val_loss": 2.4},
+         history=[{"step": s, "loss": 3.0, "max_logit": 5.3 if s <= 3 else 4.0, "heads_clipped_total": 2 if s <= 3 else 0}
+                  for s in range(1, 13)], files={"model.json": ModelConfig().to_json()})
+    sec = run_section(optimizers, ctx)
+    assert len(ctx.k2.commands["optimizers"]) == 3 + 5  # the shared corpus, then five pretraining runs
+    assert verdicts(sec) == ["reproduced", "reproduced", "reproduced (clip better; one seed)", "reproduced",
+                             "Muon family better than AdamW"]
+    assert "Muon 48 vs MuonClip 5.3" in sec.summary[0][2]
+    assert sec.summary[3][2] == f"{6144 / (2048 + 2048 * 0.4 / 0.5):.2f}x (curve)"  # crosses 2.2 between 2.6 and 2.1
+    assert "| MuonClip | 5.3 | 2.4000 | 3 of 12 | 3 |" in sec.body
+
+    # the same measurement under other numbers: each rule list's other verdicts
+    m = optimizers.measure(ctx, optimizers.Runs({"MuonClip (seed 0)": "opt-muonclip-s0", "Muon": "opt-muon",
+                                                 "AdamW lr 0.01": "opt-adamw-lr0.01"}, {},
+                                                {"muon": "opt-logit-muon", "muonclip": "opt-logit-muonclip"}))
+    assert m.n_heads == 4 * 4 and m.t_curve == pytest.approx(2048 + 2048 * 0.8) and m.noise is None
+    assert stats.judge(optimizers.QK_CAP, dataclasses.replace(m, tau=60.0)) == "not reproduced: logits did not grow past tau"
+    assert stats.judge(optimizers.QK_CAP, dataclasses.replace(m, tau=4.0)) == "not reproduced: not capped"
+    assert stats.judge(optimizers.CLIP_GOES_QUIET, dataclasses.replace(m, logit_steps=4)) == \
+        "not reproduced: still clipping in the last 30% of steps"
+    noisy = dataclasses.replace(m, noise=0.01)
+    assert stats.judge(optimizers.CLIP_HARMLESS, noisy) == "reproduced (clip better)"
+    assert stats.judge(optimizers.CLIP_HARMLESS, dataclasses.replace(noisy, grow_final={"muon": 2.4, "muonclip": 2.405})) == \
+        "reproduced (within noise)"
+    assert stats.judge(optimizers.CLIP_HARMLESS, dataclasses.replace(m, grow_final={"muon": 2.4, "muonclip": 2.5})) == \
+        "unclear: clip worse by 0.1000, no noise estimate"
+    assert stats.judge(optimizers.TOKEN_EFFICIENCY, dataclasses.replace(m, t_curve=5000)) == \
+        f"partly: Muon ahead, by less than 2x ({6144 / 5000:.2f}x)"
+    assert stats.judge(optimizers.TOKEN_EFFICIENCY, dataclasses.replace(m, noise=0.2)).startswith("within noise: 1.67x")
+    assert stats.judge(optimizers.LOSS_ORDER, dataclasses.replace(m, adam_loss=1.5)) == "not reproduced: AdamW better"
+
+
+def test_rephrasing_reads_corpora_and_eval_results(tmp_path):
+    import datasets
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ctx = quick_context(tmp_path)
+    words = ["Anna", "Berg", "was", "born", "in", "Oslo", "works", "at", "Acme"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fake(ctx.root, "kn-tokenizer", kind="tokenizer", files={"tokenizer.json": tok.to_str()})
+    for name, docs in {"kn-synth": 2, "kn-rw1": 2, "kn-rw10": 20}.items():
+        fake(ctx.root, name, {"qa_test": 10}, kind="dataset")
+        datasets.Dataset.from_dict({"text": ["Anna Berg was born in Oslo"] * docs, "doc_id": [str(i) for i in range(docs)]}
+                                   ).save_to_disk(str(ctx.root / name / "v1" / "corpus"))
+    acc = {"raw": 0.0, "rw1": 0.5, "rw10": 1.0}  # 8 questions each: every step beyond twice its standard error
+    for name, scale in (("kn-eval-sft", 1.0), ("kn-eval-base", 0.5)):
+        models_ = [{"label": k, "suites": {"knowledge": {"metrics": {
+            "accuracy": scale * a, "accuracy_qa_train_people": 0.9, "accuracy_birth_city": a}}}} for k, a in acc.items()]
+        fake(ctx.root, name, kind="eval", files={"results.json": json.dumps({"models": models_})})
+    sec = run_section(rephrasing, ctx)
+    assert verdicts(sec) == ["reproduced", "reproduced (direction)"]
+    assert "--set train.steps=2 " in ctx.k2.commands["rephrasing"][4]  # 20 x 7 tokens of the 10-rewrite corpus: 1 row
+    assert "| raw x 10 epochs | 14 | 73.1 | 0.0% |" in "\n".join(sec.body)  # 2 documents x (6 words + end-of-text)
+    assert "| birth_city | 0% | 50% | 100% |" in sec.body
+    m = rephrasing.measure(ctx, 2)
+    assert m.n_test == 8  # the eval's cap, below the 10 held-out questions
+    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 0.0, "rw1": 0.0, "rw10": 1.0})) == \
+        "partly: 10 rewrites beat raw beyond noise; the middle step is within noise or reversed"
+    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 0.0, "rw1": 0.01, "rw10": 0.01})) == \
+        "not reproduced: all at the floor at this scale"
+    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 1.0, "rw1": 0.5, "rw10": 0.0})) == \
+        "not reproduced: reversed"
+    assert stats.judge(rephrasing.DIVERSITY, dataclasses.replace(m, acc={"raw": 0.5, "rw1": 0.5, "rw10": 0.6})) == "within noise"
+
+
+def test_sparsity_reuses_experiment_1s_run_and_judges_against_its_noise(tmp_path):
+    ctx = quick_context(tmp_path)
+    fake(ctx.root, "opt-muonclip-s0", {"final_val_loss": 2.0, "params_total": 1000, "params_active": 500, "wall_s": 10})
+    fake(ctx.root, "sparsity-e8", {"final_val_loss": 1.9, "params_total": 1800, "params_active": 500})
+    sec = run_section(sparsity, ctx)
+    # 4 routed experts, 2 active is the micro recipe's own shape: experiment 1's run, not a new one
+    assert [c.split("--out ")[1] for c in ctx.k2.commands["sparsity"][3:]] == ["opt-muonclip-s0", "sparsity-e8"]
+    assert verdicts(sec) == ["direction reproduced (no noise estimate)"]
+    assert "| 4 | 8 | 1,800 | 500 | 1.9000 | - |" in sec.body
+    ctx.noise_val = 0.01  # experiment 1 measured a seed spread
+    assert verdicts(run_section(sparsity, ctx)) == ["reproduced"]
+    ctx.noise_val = 0.1
+    assert verdicts(run_section(sparsity, ctx)) == ["within noise"]
+
+
+def test_context_reads_passkey_metrics_of_each_method(tmp_path):
+    ctx = quick_context(tmp_path)
+    fake(ctx.root, "ext-midtrain", {"steps": 7})
+
+    def ext(acc_256, acc_512, last_bin, parent=False):
+        m = {"original_context": 256, "final_val_loss": 2.0, "passkey_trials_per_length": 20,
+             "passkey_accuracy_256": acc_256, "passkey_accuracy_512": acc_512,
+             "passkey_loss_within": 2.0, "passkey_loss_beyond": 2.1, "passkey_loss_last_bin": last_bin}
+        if parent:
+            m.update(parent_passkey_accuracy_256=0.9, parent_passkey_accuracy_512=0.0, parent_passkey_loss_last_bin=5.0)
+        return m
+
+    fake(ctx.root, "ext-none", ext(0.9, 0.0, 4.0))
+    fake(ctx.root, "ext-linear", ext(0.8, 0.1, 3.0))
+    fake(ctx.root, "ext-yarn", ext(1.0, 0.8, 2.1, parent=True), recipe={"extend": {"beta_fast": 32, "beta_slow": 1}},
+         files={"passkey.png": (REPO / "reproduce" / "passkey.png").read_bytes()})
+    sec = run_section(context, ctx)
+    assert sec.plots == ["passkey.png", "passkey_heatmap.png"]
+    assert verdicts(sec) == ["reproduced", "reproduced (one run each): YaRN's last-bin loss is +0.100 from its loss within 256"]
+    assert "beyond the trained length (512): YaRN 80%, linear 10%, none 0%; within 256: YaRN 100%" == sec.summary[0][2]
+    assert "| mid-trained parent, no extension | 90% | 0% | - | - | - | 5.000 |" in sec.body
+    m = context.measure(ctx, context.Runs("opt-muonclip-s0", "opt-muonclip-s0", "ext-midtrain",
+                                          {k: f"ext-{k}" for k in context.METHODS}, None))
+    r = m.retrieval
+    assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=0.2)) == "within noise"
+    assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=0.01, linear=0.02, none=0.0)) == \
+        "not reproduced: no method retrieves beyond the trained length at this scale"
+    assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=0.01, linear=0.0, none=0.0, best_any=0.0)) == \
+        "not reproduced: no method learned to retrieve from this parent (0% at every length)"
+    assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=None)) == "not measured beyond the training length"
+
+
+def test_rl_compares_objectives_and_skips_without_k2_rl(tmp_path):
+    ctx = quick_context(tmp_path)
+    for name, (gain, critic) in {"rl-k15": (0.4, 0.9), "rl-pg": (0.1, 0.5), "rl-k15-nocritic": (0.3, 0.6)}.items():
+        fake(ctx.root, name, {"start_heldout_math": 0.2, "end_heldout_math": 0.2 + gain, "critic_accuracy_start": 0.5,
+                              "critic_accuracy_end": critic, "critic_heldout_pairs": 100},
+             recipe={"rl": {"eval_prompts": 100}},
+             history=[{"step": 1, "heldout_math": 0.2 + gain / 2, "critic_accuracy": (0.5 + critic) / 2}])
+    sec = run_section(rl, ctx)
+    assert verdicts(sec) == ["reproduced", "reproduced"]
+    assert sec.summary[0][2] == "mean held-out gain K1.5 0.400 vs PG 0.100 (100 held-out episodes each)"
+    assert "| plain policy gradient | 0.200 -> 0.300 | 0.500 -> 0.500 |" in sec.body
+
+    class NoRL(Recorder):
+        no_rl = True
+
+    sec = run_section(rl, quick_context(tmp_path / "no-rl", runner=NoRL))
+    assert sec.status == "skipped" and verdicts(sec) == ["not run: k2 rl not available"]
 
 
 # ----------------------------------------------------------------------------- experiment 1, real artifacts
