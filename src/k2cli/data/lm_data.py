@@ -1,5 +1,7 @@
 """From a corpus reference to packed training and validation rows (pretrain, extend-context), and the
-pre-training corpus of a model found through its lineage (extend-context, sft replay)."""
+pre-training corpus of a model, found through its lineage (k2cli.lineage), as training documents
+(sft replay). Which documents are held out is a `lineage.Split`: pretrain defines it, later stages
+read the one their model's pre-training recorded."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from k2cli.artifacts import artifacts_root, lineage
+from k2cli.artifacts import artifacts_root
 from k2cli.data.loading import corpus_fingerprint, load_corpus
-from k2cli.data.packing import PackedData, pack, split_documents, tokenize_corpus, unigram_entropy
+from k2cli.data.packing import PackedData, pack, tokenize_corpus, unigram_entropy
 from k2cli.errors import K2Error
+from k2cli.lineage import Split, corpus_split
 
 
 @dataclass
@@ -37,23 +40,23 @@ def load_documents(cfg: DataConfig):
     return ds, art, corpus_fingerprint(cfg.input)
 
 
-def training_texts(ds, val_fraction: float, seed: int) -> list[str]:
+def training_texts(ds, split: Split) -> list[str]:
     """The training documents' text (validation held out), e.g. to train a tokenizer on."""
-    train_idx, _ = split_documents(len(ds), val_fraction, seed)
+    train_idx, _ = split.indices(len(ds))
     return ds.select(train_idx)["text"]
 
 
-def split_token_documents(ds, fingerprint: str, tokenizer, val_fraction: float, seed: int) -> tuple[list, list, int]:
+def split_token_documents(ds, fingerprint: str, tokenizer, split: Split) -> tuple[list, list, int]:
     """Tokenise (cached under <root>/cache) and hold out validation documents:
     (training documents' ids, validation documents' ids, number of documents)."""
     ids = tokenize_corpus(ds, tokenizer, artifacts_root() / "cache" / "tokens", fingerprint)["ids"]
-    train_idx, val_idx = split_documents(len(ids), val_fraction, seed)
+    train_idx, val_idx = split.indices(len(ids))
     return [ids[i] for i in train_idx], [ids[i] for i in val_idx], len(ids)
 
 
-def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, val_fraction: float, seed: int) -> LMData:
-    """Tokenise, hold out validation documents, shuffle, pack."""
-    train_docs, val_docs, n_docs = split_token_documents(ds, fingerprint, tokenizer, val_fraction, seed)
+def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, split: Split, seed: int) -> LMData:
+    """Tokenise, hold out validation documents (`split`), shuffle and pack by `seed`."""
+    train_docs, val_docs, n_docs = split_token_documents(ds, fingerprint, tokenizer, split)
     train = pack(train_docs, tokenizer.eot_id, seq_len, seed)
     val = pack(val_docs, tokenizer.eot_id, seq_len, seed + 1) if val_docs else PackedData(np.zeros((0, seq_len + 1), np.int32))
     n_tokens = sum(len(d) + 1 for d in train_docs)
@@ -72,40 +75,14 @@ def cache_dir() -> Path:
     return artifacts_root() / "cache"
 
 
-def lineage_corpus(model_art, ref: str = "", val_fraction: float = 0.05, seed: int = 0,
-                   key: str = "data.input") -> tuple[str, int, float, str]:
-    """(corpus ref, split seed, validation fraction, how it was found).
-
-    With `ref`, that corpus split by (val_fraction, seed). Otherwise the corpus the model was
-    pre-trained on, split exactly as the pretrain run split it, so its held-out documents stay held
-    out. `key` is the recipe key that names a corpus explicitly (for the error's hint)."""
-    if ref:
-        return ref, seed, val_fraction, f"{key}={ref}"
-    for _, node in lineage(model_art):
-        if isinstance(node, dict) or node.kind != "model" or "input" not in node.recipe.get("data", {}):
-            continue
-        data = node.recipe["data"]
-        found = data["input"]
-        for inp in node.manifest.get("inputs", []):  # the dataset version it actually read, not today's :latest
-            if inp.get("kind") == "dataset" and Path(inp.get("path", "")).is_dir():
-                found = inp["path"]
-                break
-        return found, int(node.recipe.get("seed", 0)), float(data.get("val_fraction", 0.05)), f"the corpus of {node.id}"
-    raise K2Error(f"no pre-training corpus found in the lineage of {model_art.id}",
-                  f"pass the corpus with --set {key}=REF (a dataset artifact or text files)")
-
-
 def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "text", key: str = "data.corpus",
                        required: bool = True):
     """The pre-training corpus's TRAINING documents as token ids (held-out ones left out), its
     dataset artifact (or None) and how it was found: what a later stage replays. Without `ref`
     and with nothing in the lineage: ([], None, "") when not `required` (a corpus that is found
     but fails to load is always an error)."""
-    try:
-        ref, split_seed, val_fraction, how = lineage_corpus(model_art, ref, key=key)
-    except K2Error:
-        if required or ref:
-            raise
+    split = corpus_split(model_art, ref, key=key, required=required)
+    if split is None:
         return [], None, ""
-    ds, art, fingerprint = load_documents(DataConfig(input=ref, text_field=text_field))
-    return split_token_documents(ds, fingerprint, tokenizer, val_fraction, split_seed)[0], art, how
+    ds, art, fingerprint = load_documents(DataConfig(input=split.corpus, text_field=text_field))
+    return split_token_documents(ds, fingerprint, tokenizer, split)[0], art, split.how
