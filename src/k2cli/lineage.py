@@ -1,10 +1,10 @@
 """Where a model's data came from: one walk over its lineage, always with an explicit override.
 
-Every later stage and eval suite asks the same questions of a model artifact, and answers them here:
+Every later stage and eval suite asks the same questions of a model artifact, answered here (a k2
+model carries its own tokenizer, so that one needs no walk):
 
     nearest(art, test)                    the nearest artifact in the lineage (the model first) passing `test`
     dataset(art, *files, ref=, key=)      `ref` (--data, --set X=REF), else the nearest dataset holding `files`
-    tokenizer(art, ref=)                  `ref`, else the nearest artifact with a tokenizer.json (the model's own)
     corpus_split(art, ref=, ...)          the pre-training corpus and the documents held out of it
 
 The held-out split. `k2 pretrain` records in its manifest (`data_split`) which documents of which
@@ -50,12 +50,6 @@ def dataset(art: Artifact, *files: str, any_of: tuple[str, ...] = (), ref: str =
         return found
     return nearest(art, lambda n: n.kind == "dataset" and all(n.has(f) for f in files)
                    and (not any_of or any(n.has(f) for f in any_of)))
-
-
-def tokenizer(art: Artifact, ref: str = "") -> Artifact | None:
-    if ref:
-        return open_artifact(ref, kind=("tokenizer", "model"))
-    return nearest(art, lambda n: n.has("tokenizer.json"))
 
 
 # ----------------------------------------------------------------------------- the held-out split

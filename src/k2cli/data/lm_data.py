@@ -13,7 +13,6 @@ import numpy as np
 from k2cli.artifacts import artifacts_root
 from k2cli.data.loading import corpus_fingerprint, load_corpus
 from k2cli.data.packing import PackedData, pack, tokenize_corpus, unigram_entropy
-from k2cli.errors import K2Error
 from k2cli.lineage import Split, corpus_split
 
 

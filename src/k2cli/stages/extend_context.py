@@ -31,16 +31,14 @@ from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.lm_data import DataConfig, build_lm_data, load_documents, split_token_documents
 from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
-from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.eval.suite import EvalConfig, EvalContext, get_suite
 from k2cli.lineage import corpus_split
 from k2cli.model.config import ModelConfig, RopeScaling
-from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.stages.runner import RunOptions, Stage
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig
 
@@ -157,14 +155,7 @@ def evaluate_pair(pairs, tokenizer, parent_art, data_art, cfg: EvalConfig, out_d
 def run(recipe: ExtendRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
     with Stage("extend-context", "model", recipe, opts) as st:
-        recipe.extend.validate()
-        recipe.data.validate()
-        recipe.train.validate()
-        recipe.optim.validate()
-        parent, model_art = load_model(recipe.model, verify=True)
-        if not model_art.has("tokenizer.json"):
-            raise K2Error(f"model {model_art.id} has no tokenizer", "extend a model made by k2 pretrain")
-        tokenizer = load_tokenizer(model_art.path)
+        parent, model_art, tokenizer = load_parent(recipe.model, "extend a model made by k2 pretrain")
         cfg, orig = extended_config(parent.config, recipe.extend, recipe.train.seq_len)
         seq_len = recipe.train.seq_len
         if "passkey" in recipe.eval.suites:  # a bad passkey request fails now, not after training

@@ -33,7 +33,7 @@ from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.stages.runner import RunOptions, Stage
+from k2cli.stages.runner import RunOptions, Stage, check_fits
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig
 
@@ -98,9 +98,6 @@ def check_same_split(init_art, data_art, split: Split):
 def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
     with Stage("pretrain", "model", recipe, opts) as st:
-        recipe.data.validate()
-        recipe.train.validate()
-        recipe.optim.validate()
         # 1. data, and the documents held out of it (recorded in the manifest for later stages and evals)
         ds, data_art, fingerprint = load_documents(recipe.data)
         split = Split(str(data_art.path.resolve()) if data_art is not None else recipe.data.input, recipe.data.val_fraction,
@@ -127,11 +124,7 @@ def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
         else:  # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
             cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
                                       pad_token_id=tokenizer.eot_id).validate()
-        if recipe.train.seq_len > cfg.max_position_embeddings:
-            raise K2Error(
-                f"train.seq_len={recipe.train.seq_len} is above the model's {cfg.max_position_embeddings} positions",
-                "lower train.seq_len or raise model.max_position_embeddings",
-            )
+        check_fits(recipe.train.seq_len, cfg)
         data = build_lm_data(ds, data_art, fingerprint, tokenizer, recipe.train.seq_len, split, recipe.seed)
         if recipe.train.batch_size > len(data.train):
             raise K2Error(

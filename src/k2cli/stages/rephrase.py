@@ -45,12 +45,6 @@ class RephraseRecipe:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
 
-    def validate(self) -> "RephraseRecipe":
-        self.rewrite.validate()
-        self.fidelity.validate()
-        self.backend.validate()
-        return self
-
 
 PROVENANCE = ("source_doc_id", "rewrite", "style", "chunk_ids", "fidelity", "facts_checked", "similarity", "attempts")
 
@@ -135,7 +129,6 @@ def run(recipe: RephraseRecipe, input_ref: str | None = None, opts: RunOptions =
     if input_ref:
         recipe = dataclasses.replace(recipe, input=input_ref)
     with Stage("rephrase", "dataset", recipe, opts) as st:
-        recipe.validate()
         ds, art = load_corpus(recipe.input)  # clear errors: missing, empty, not UTF-8, no text field
         docs = _input_documents(ds)
         lexicon = load_world(art.file(WORLD_FILE)).lexicon() if art is not None and art.has(WORLD_FILE) else None

@@ -27,6 +27,7 @@ from k2cli.errors import K2Error
 from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
+from k2cli.recipes import validate
 from k2cli.rl.batch import PTXConfig, ptx_rows
 from k2cli.rl.critic import Critic, CriticConfig, Pair
 from k2cli.rl.env import EnvConfig, build_pools, load_world_data
@@ -34,7 +35,7 @@ from k2cli.rl.evaluate import SelectConfig, heldout_pairs, heldout_rewards, sele
 from k2cli.rl.objective import TemperatureConfig
 from k2cli.rl.plots import plot_rewards, plot_rollout_stats
 from k2cli.rl.task import RLConfig, RLTask
-from k2cli.stages.runner import RunOptions, Stage
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train import distributed as dist
 from k2cli.train.loop import TrainConfig, pick_device
 
@@ -54,27 +55,21 @@ class RLRecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40, batch_size=64, seq_len=512, eval_every=10,
                                                                    checkpoint_every=10))
 
-
-def validate(recipe: RLRecipe) -> None:
-    for section in (recipe.envs, recipe.temperature, recipe.select, recipe.critic, recipe.ptx, recipe.optim, recipe.schedule):
-        section.validate()
-    recipe.train.validate()
-    recipe.rl.validate()
-    if recipe.train.batch_size % recipe.rl.samples_per_prompt:
-        raise K2Error(f"train.batch_size={recipe.train.batch_size} rollouts do not split into prompts of "
-                      f"rl.samples_per_prompt={recipe.rl.samples_per_prompt}",
-                      "make train.batch_size (rollouts per step) a multiple of rl.samples_per_prompt")
-    if dist.launched_world_size() > 1:
-        raise K2Error("k2 rl runs in one process (its rollouts and critic are not distributed)", "run it without torchrun")
+    def validate(self) -> None:
+        """Across sections (each section checks its own values: recipes.validate)."""
+        if self.train.batch_size % self.rl.samples_per_prompt:
+            raise K2Error(f"train.batch_size={self.train.batch_size} rollouts do not split into prompts of "
+                          f"rl.samples_per_prompt={self.rl.samples_per_prompt}",
+                          "make train.batch_size (rollouts per step) a multiple of rl.samples_per_prompt")
+        if dist.launched_world_size() > 1:
+            raise K2Error("k2 rl runs in one process (its rollouts and critic are not distributed)", "run it without torchrun")
 
 
-def load_policy(ref: str):
-    model, art = load_model(ref, verify=True)
-    if not art.has("tokenizer.json"):
-        raise K2Error(f"model {art.id} has no tokenizer", "use a chat model made by k2 sft")
+def load_policy(ref: str, seq_len: int):
+    model, art, tokenizer = load_parent(ref, "use a chat model made by k2 sft", seq_len)
     if art.stage not in ("sft", "rl") and not art.metrics.get("chat"):
         raise K2Error(f"model {art.id} is a {art.stage} model, not a chat model", "fine-tune it with 'k2 sft' first")
-    return model, art, load_tokenizer(art.path)
+    return model, art, tokenizer
 
 
 def prepare(model, tokenizer, pools, critic: Critic, recipe: RLRecipe, context: int, run_dir) -> dict:
@@ -143,11 +138,8 @@ class Setup:
 
 def load_inputs(recipe: RLRecipe) -> Setup:
     """The cheap part: the policy, the critic, the datasets (what the output's fingerprint depends on)."""
-    validate(recipe)
-    model, model_art, tokenizer = load_policy(recipe.model)
-    if recipe.train.seq_len > model.config.max_position_embeddings:
-        raise K2Error(f"train.seq_len={recipe.train.seq_len} is above the model's {model.config.max_position_embeddings} positions",
-                      "lower train.seq_len")
+    validate(recipe)  # the recipes' one walk (tests build a Setup without a Stage)
+    model, model_art, tokenizer = load_policy(recipe.model, recipe.train.seq_len)
     inputs = [model_art]
     critic_model, critic_tok = model, tokenizer
     if recipe.critic.model:

@@ -48,7 +48,8 @@ from pathlib import Path
 from k2cli.artifacts import Artifact, ArtifactWriter, artifacts_root, using_root
 from k2cli.artifacts import up_to_date as _latest_if_same
 from k2cli.console import err
-from k2cli.recipes import to_dict
+from k2cli.errors import K2Error
+from k2cli.recipes import to_dict, validate
 from k2cli.train import distributed as dist
 from k2cli.train.outputs import run_dir_for, write_model_outputs
 from k2cli.train.progress import read_metrics
@@ -104,6 +105,8 @@ class Stage:
         self._stack = ExitStack()
 
     def __enter__(self):
+        if not isinstance(self.recipe_obj, dict):
+            validate(self.recipe_obj)  # the recipes module's one walk (a recipe built in Python skipped resolve)
         self._stack.enter_context(using_root(self.opts.root))
         self.resume = begin_stage(self.opts.resume)
         return self
@@ -136,15 +139,14 @@ class Stage:
 
     # ---- work
 
-    def train(self, model, task, optim=None, schedule=None, train_cfg=None, title: str | None = None) -> Trained:
-        """THE training loop (train/loop.py) on `task` in the run directory; the recipe's optim, schedule
-        and train sections unless given. The history is the run's whole metrics.jsonl."""
+    def train(self, model, task) -> Trained:
+        """THE training loop (train/loop.py) on `task` with the recipe's `optim`, `schedule` and `train`
+        sections, in the run directory. The history is the run's whole metrics.jsonl."""
         from k2cli.train.loop import train
 
         r = self.recipe_obj
         _release_followers()
-        result = train(model, task, optim or r.optim, schedule or r.schedule, train_cfg or r.train, self.dir, self.recipe,
-                       title=title or self.name, resume=self.resume)
+        result = train(model, task, r.optim, r.schedule, r.train, self.dir, self.recipe, title=self.name, resume=self.resume)
         return Trained(result.model, read_metrics(self.dir / "metrics.jsonl"), self.dir, result.resumed_from)
 
     def writer(self, data_split: dict | None = None):
@@ -152,13 +154,30 @@ class Stage:
         return artifact_writer(stage=self.name, kind=self.kind, out=self.opts.out, recipe=self.recipe, inputs=self.inputs,
                                force=self.opts.force, data_split=data_split)
 
-    def write_model(self, w, trained: Trained, tokenizer_dir: Path, summary: list[str], optim=None,
-                    reference: dict | None = None, title: str | None = None) -> None:
+    def write_model(self, w, trained: Trained, tokenizer_dir: Path, summary: list[str], reference: dict | None = None) -> None:
         """Weights, config, tokenizer, metrics.jsonl, plots (QK-Clip's tau drawn for MuonClip) and summary.md."""
-        optim = optim or self.recipe_obj.optim
+        optim = self.recipe_obj.optim
         tau = optim.qk_clip_tau if optim.name == "muonclip" else None
-        write_model_outputs(w, trained.model, tokenizer_dir, trained.run_dir, title or self.name, summary, tau=tau,
-                            reference=reference)
+        write_model_outputs(w, trained.model, tokenizer_dir, trained.run_dir, self.name, summary, tau=tau, reference=reference)
+
+
+def load_parent(ref: str, hint: str, seq_len: int | None = None):
+    """The model a stage continues (verified), with its tokenizer: (model, artifact, tokenizer). `hint` says
+    which model to pass instead; `seq_len` (train.seq_len) must fit the model's positions."""
+    from k2cli.data.tokenizer import load_tokenizer
+    from k2cli.model.io import load_model
+
+    model, art = load_model(ref, verify=True)
+    if not art.has("tokenizer.json"):
+        raise K2Error(f"model {art.id} has no tokenizer", hint)
+    check_fits(seq_len or 0, model.config)
+    return model, art, load_tokenizer(art.path)
+
+
+def check_fits(seq_len: int, cfg) -> None:
+    if seq_len > cfg.max_position_embeddings:
+        raise K2Error(f"train.seq_len={seq_len} is above the model's {cfg.max_position_embeddings} positions",
+                      "lower train.seq_len or raise model.max_position_embeddings")
 
 
 # ----------------------------------------------------------------------------- several ranks

@@ -21,12 +21,10 @@ from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.lm_data import training_documents
 from k2cli.data.sft_data import SFTDataConfig, build_sft_data, load_conversations
-from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
-from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.stages.runner import RunOptions, Stage
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train.lm_task import LMTask
 from k2cli.train.loop import TrainConfig
 
@@ -74,15 +72,7 @@ def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]
 def run(recipe: SFTRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
     with Stage("sft", "model", recipe, opts) as st:
-        recipe.data.validate()
-        recipe.train.validate()
-        model, model_art = load_model(recipe.model, verify=True)
-        if not model_art.has("tokenizer.json"):
-            raise K2Error(f"model {model_art.id} has no tokenizer", "fine-tune a model made by k2 pretrain")
-        tokenizer = load_tokenizer(model_art.path)
-        if recipe.train.seq_len > model.config.max_position_embeddings:
-            raise K2Error(f"train.seq_len={recipe.train.seq_len} is above the model's {model.config.max_position_embeddings} positions",
-                          "lower train.seq_len")
+        model, model_art, tokenizer = load_parent(recipe.model, "fine-tune a model made by k2 pretrain", recipe.train.seq_len)
         convs, inputs = gather_sources(recipe, model_art, tokenizer)
         if done := st.up_to_date([model_art] + inputs):
             return done

@@ -94,7 +94,6 @@ def _summary(recipe: SynthRecipe, m: dict) -> str:
 def run(recipe: SynthRecipe, opts: RunOptions = RunOptions()):
     """Build the world and its datasets; returns the dataset Artifact."""
     with Stage("synth", "dataset", recipe, opts) as st:
-        recipe.validate()
         if done := st.up_to_date([]):
             return done
         t0 = time.time()
