@@ -284,7 +284,7 @@ def up_to_date(stage: str, kind: str, recipe: dict, inputs: list, out: str | Non
     if latest is None or not latest.exists():
         return None
     try:
-        art = open_artifact(latest)
+        art = open_artifact(parent / os.readlink(latest) if latest.is_symlink() else latest)  # vN, not "latest"
     except K2Error:
         return None
     if art.manifest.get("fingerprint") != fingerprint(stage, kind, recipe, inputs) or art.verify():

@@ -125,8 +125,9 @@ class Stage:
         art = _latest_if_same(self.name, self.kind, self.recipe, self.inputs, self.opts.out)
         if art is not None:
             _release_followers()  # the other ranks find the same artifact and return too
-            err.print(f"[green]up to date:[/] {art.id} was made from the same recipe and inputs (drop --reuse to make it again)",
-                      soft_wrap=True)
+            if dist.is_main():  # make chain and reproduce/run.py look for this line
+                err.print(f"[green]up to date:[/] {art.id} was made from the same recipe and inputs "
+                          "(drop --reuse to make it again)", soft_wrap=True)
         return art
 
     def run_dir(self, key: list[str], name: str | None = None) -> Path:
