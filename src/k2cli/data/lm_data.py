@@ -6,7 +6,6 @@ read the one their model's pre-training recorded."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -68,10 +67,6 @@ def build_lm_data(ds, art, fingerprint: str, tokenizer, seq_len: int, split: Spl
         input_artifact=art,
         fingerprint=fingerprint,
     )
-
-
-def cache_dir() -> Path:
-    return artifacts_root() / "cache"
 
 
 def training_documents(model_art, tokenizer, ref: str = "", text_field: str = "text", key: str = "data.corpus",
