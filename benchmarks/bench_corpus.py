@@ -95,7 +95,13 @@ def child(args) -> None:
 
     base = rss_mb()
     t0 = time.perf_counter()
-    data = build_lm_data(ds, art, fingerprint, tokenizer, 256, 0.05, 0)
+    try:  # the held-out split: a lineage.Split now, (val_fraction, seed) in older versions
+        from k2cli.lineage import Split
+
+        split = Split(args.corpus, 0.05, 0, "bench")
+    except ImportError:
+        split = 0.05
+    data = build_lm_data(ds, art, fingerprint, tokenizer, 256, split, 0)
     build_s = time.perf_counter() - t0
     task = LMTask(data.train, data.val, batch_size=16, seed=0, eval_batches=1)
     tc = TrainConfig(steps=50, batch_size=16, seq_len=256, eval_every=0, checkpoint_every=0, peak_tflops=1.0, device="cpu")

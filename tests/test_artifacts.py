@@ -85,16 +85,46 @@ def test_lineage_walks_back_and_reports_missing_parents(tmp_path):
     assert isinstance(last[1], dict) and last[1]["id"] == "synth/v1"  # a record of what is missing
 
 
-def test_reuse_skips_only_when_recipe_and_inputs_match(monkeypatch):
-    from k2cli.errors import UpToDate
+def test_reuse_skips_only_when_recipe_and_inputs_match(capsys):
+    from k2cli.stages.runner import RunOptions, Stage
+
+    def stage(recipe, inputs, reuse=True):
+        """What every stage does: the up-to-date decision first, then (if not) the writer."""
+        with Stage("pretrain", "model", recipe, RunOptions(reuse=reuse)) as st:
+            if done := st.up_to_date(inputs):
+                return done, True
+            with st.writer() as w:
+                (w.dir / "data.txt").write_text("x")
+                return w.commit(), False
 
     raw = write(stage="synth", kind="dataset", text="raw")
-    write(stage="pretrain", inputs=[raw])
-    monkeypatch.setenv("K2_REUSE", "1")
-    with pytest.raises(UpToDate, match="pretrain/v1"):
-        write(stage="pretrain", inputs=[raw])
-    with ArtifactWriter(stage="pretrain", kind="model", recipe={"lr": 2.0}, inputs=[raw]) as w:  # another recipe
-        w.commit()
+    first, skipped = stage({"lr": 1.0}, [raw])
+    assert (first.id, skipped) == ("pretrain/v1", False)
+    art, skipped = stage({"lr": 1.0}, [raw])  # same recipe, same inputs: nothing written
+    assert (art.id, skipped) == ("pretrain/v1", True)
+    assert "up to date: pretrain/v1" in capsys.readouterr().err
+    assert stage({"lr": 1.0}, [raw], reuse=False)[0].id == "pretrain/v2"  # without --reuse: made again
+    assert stage({"lr": 2.0}, [raw])[0].id == "pretrain/v3"  # another recipe
     with ArtifactWriter(stage="synth", kind="dataset", recipe={"seed": 2}) as w:  # a new raw input
         newer = w.commit()
-    assert write(stage="pretrain", inputs=[newer]).id == "pretrain/v3"  # other inputs: made again
+    assert stage({"lr": 2.0}, [newer])[0].id == "pretrain/v4"  # other inputs: made again
+    assert stage({"lr": 2.0}, [newer])[1] is True
+    (open_artifact("pretrain:v4").path / "data.txt").write_text("changed")  # a damaged latest is never up to date
+    assert stage({"lr": 2.0}, [newer])[0].id == "pretrain/v5"
+
+
+def test_root_is_an_argument_not_the_environment(tmp_path, artifacts_root, k2):
+    """`k2 --root DIR` and RunOptions.root decide where artifacts go; the environment is left as it was."""
+    from k2cli.stages.runner import RunOptions, Stage
+
+    other = tmp_path / "other"
+    with Stage("synth", "dataset", {"seed": 1}, RunOptions(root=str(other))) as st:
+        with st.writer() as w:
+            art = w.commit()
+    assert art.path.parent.parent == other and not artifacts_root.exists()
+    assert os.environ["K2_ARTIFACTS"] == str(artifacts_root)
+    third = tmp_path / "third"
+    k2("--root", third, "model", "init", "--preset", "micro")
+    assert (third / "model" / "v1" / "manifest.json").exists() and os.environ["K2_ARTIFACTS"] == str(artifacts_root)
+    again = k2("--root", third, "--reuse", "model", "init", "--preset", "micro")
+    assert "up to date: model/v1" in again.output and not (third / "model" / "v2").exists()

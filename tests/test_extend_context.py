@@ -23,6 +23,7 @@ from k2cli.model.config import RopeScaling
 from k2cli.recipes import resolve_recipe
 from k2cli.stages import extend_context
 from k2cli.stages.extend_context import ExtendRecipe
+from k2cli.stages.runner import RunOptions
 from k2cli.train.lm_task import LMTask
 
 QUICK = ("--preset", "micro", "--set", "eval.suites=[]")
@@ -229,7 +230,7 @@ def test_sigint_then_resume_is_bitwise_identical(base, monkeypatch):
         extend_context.run(recipe)
     monkeypatch.setattr(extend_context, "LMTask", LMTask)
     resumed = extend_context.run(recipe)  # the same command again: continues from step 2
-    fresh = extend_context.run(recipe, resume="no")  # --restart: from the parent again
+    fresh = extend_context.run(recipe, RunOptions(resume="no"))  # --restart: from the parent again
     a, b = load_file(resumed.file("model.safetensors")), load_file(fresh.file("model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la = [json.loads(line)["loss"] for line in resumed.file("metrics.jsonl").read_text().splitlines()]

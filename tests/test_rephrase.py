@@ -22,6 +22,7 @@ from k2cli.data.world import format_date, load_world
 from k2cli.errors import Interrupted, K2Error
 from k2cli.recipes import resolve_recipe
 from k2cli.stages import rephrase, synth
+from k2cli.stages.runner import RunOptions
 
 
 @pytest.fixture
@@ -225,12 +226,12 @@ def test_interrupted_run_resumes_without_repeating_work(synth_art, artifacts_roo
     assert not redone & done and redone | done == {d["doc_id"] for d in corpus(synth_art)}
     assert art.metrics["shards_resumed"] == len(shards) and art.metrics["shards"] == 4
 
-    fresh = rephrase.run(recipe, backend=Recording(), restart=True)  # an uninterrupted run
+    fresh = rephrase.run(recipe, backend=Recording(), opts=RunOptions(resume="no"))  # an uninterrupted run
     assert fresh.metrics["shards_resumed"] == 0
     assert corpus(fresh) == corpus(art)
 
     with pytest.raises(Interrupted, match="resume"):
-        rephrase.run(recipe, backend=Recording(fail_at_round=2, error=KeyboardInterrupt()), restart=True)
+        rephrase.run(recipe, backend=Recording(fail_at_round=2, error=KeyboardInterrupt()), opts=RunOptions(resume="no"))
 
 
 def test_rephrase_cli_end_to_end(k2, synth_art, artifacts_root):

@@ -21,6 +21,7 @@ from k2cli.rl.critic import Critic, CriticConfig, Pair
 from k2cli.rl.env import env_class
 from k2cli.rl.rollout import run_rollouts, start
 from k2cli.rl.sandbox import run_tests
+from k2cli.stages.runner import RunOptions
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -336,7 +337,7 @@ def test_rl_end_to_end_and_sigint_resume_is_exact(world, monkeypatch):
     from k2cli.train.progress import read_metrics
 
     recipe = micro_recipe(world, "envs.mix={math=1.0,logic=1.0,instruct=1.0,chat=1.0}")
-    full = rl.run(recipe, resume="no")
+    full = rl.run(recipe, RunOptions(resume="no"))
     hist = read_metrics(full.path / "metrics.jsonl")
     assert len(hist) == 4 and "heldout_math" in hist[-1] and "reward_mean" in hist[0] and "temperature" in hist[0]
     assert full.metrics["chat"] is True and "start_heldout_math" in full.metrics and full.has("rollouts.jsonl")
@@ -353,7 +354,7 @@ def test_rl_end_to_end_and_sigint_resume_is_exact(world, monkeypatch):
 
     monkeypatch.setattr(RLTask, "batch", interrupt)
     with pytest.raises(Interrupted, match="after step 3/4"):  # so the resumed run starts mid-iteration
-        rl.run(recipe, resume="no")
+        rl.run(recipe, RunOptions(resume="no"))
     monkeypatch.setattr(RLTask, "batch", batch)
     resumed = rl.run(recipe)
     a, b = read_metrics(full.path / "metrics.jsonl"), read_metrics(resumed.path / "metrics.jsonl")

@@ -22,6 +22,7 @@ from k2cli.data.synth import (
 from k2cli.data.world import ATTRIBUTES, build_world, load_world
 from k2cli.recipes import resolve_recipe
 from k2cli.stages import synth
+from k2cli.stages.runner import RunOptions
 
 
 def micro(seed=None, **sections):
@@ -37,8 +38,8 @@ def load(art, part):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    a = synth.run(micro(), out=str(tmp_path / "a"))
-    b = synth.run(micro(), out=str(tmp_path / "b"))
+    a = synth.run(micro(), RunOptions(out=str(tmp_path / "a")))
+    b = synth.run(micro(), RunOptions(out=str(tmp_path / "b")))
     files = sorted(p.relative_to(a.path) for p in a.path.rglob("*") if p.is_file())
     assert Path("corpus/state.json") in files and Path("world.json") in files
     for rel in files:
@@ -48,7 +49,7 @@ def test_same_seed_same_bytes(tmp_path):
     for key in ("created", "uid", "id"):  # a path output's id carries the uid
         ma.pop(key), mb.pop(key)
     assert ma == mb
-    other = synth.run(micro(seed=1), out=str(tmp_path / "c"))
+    other = synth.run(micro(seed=1), RunOptions(out=str(tmp_path / "c")))
     assert (other.path / "world.json").read_bytes() != (a.path / "world.json").read_bytes()
 
 

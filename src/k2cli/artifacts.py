@@ -5,7 +5,8 @@ version), how it was made (the fully resolved recipe, the k2cli version and git 
 what it was made from (its inputs' ids and manifest hashes, so lineage can be walked
 back to the raw inputs), and what it holds (every file with its sha256).
 
-Layout under the artifacts root (default `./artifacts`, or `$K2_ARTIFACTS`, or `k2 --root`):
+Layout under the artifacts root (`k2 --root DIR`, which a stage receives as an argument and
+holds for its duration with `using_root`; else `$K2_ARTIFACTS`; else `./artifacts`):
 
     <root>/<stage>/v1/manifest.json ...
     <root>/<stage>/v2/...
@@ -28,10 +29,11 @@ import os
 import shutil
 import subprocess
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from k2cli.errors import K2Error, UpToDate
+from k2cli.errors import K2Error
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,8 +43,27 @@ KINDS = ("dataset", "tokenizer", "model", "eval", "report")
 # ----------------------------------------------------------------------------- locations
 
 
+_root: Path | None = None  # set by `using_root` (k2 --root, a stage's RunOptions.root) for its duration
+
+
 def artifacts_root() -> Path:
-    return Path(os.environ.get("K2_ARTIFACTS", "artifacts"))
+    """The root a running command or stage was given (`using_root`), else $K2_ARTIFACTS, else ./artifacts."""
+    return _root or Path(os.environ.get("K2_ARTIFACTS", "artifacts"))
+
+
+@contextmanager
+def using_root(root: str | os.PathLike | None):
+    """Resolve references and write artifacts under `root` for the duration (None: unchanged).
+    A plain module value, not a context variable: threads a command starts (a server's) see it too."""
+    global _root
+    if root is None:
+        yield
+        return
+    saved, _root = _root, Path(root)
+    try:
+        yield
+    finally:
+        _root = saved
 
 
 def stage_dir(stage: str) -> Path:
@@ -241,6 +262,36 @@ def _check_writable(directory: Path) -> None:
         raise K2Error(f"cannot write to {directory}: {e.strerror}", "choose a writable output location")
 
 
+def fingerprint(stage: str, kind: str, recipe: dict, inputs: list) -> str:
+    """What makes an output what it is: stage, kind, resolved recipe, exact inputs (their manifests)."""
+    key = {"stage": stage, "kind": kind, "recipe": recipe,
+           "inputs": sorted(sha256_file(a.path / MANIFEST) for a in inputs)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versioned_dir(stage: str, out: str | None) -> Path | None:
+    """Where `out` puts versions (`<root>/<out or stage>/`), or None when `out` is a plain directory."""
+    if out is None or ("/" not in out and os.sep not in out and not Path(out).exists()):
+        return stage_dir(out or stage)
+    return None
+
+
+def up_to_date(stage: str, kind: str, recipe: dict, inputs: list, out: str | None = None) -> Artifact | None:
+    """The latest artifact of this output if it was made from the same recipe and inputs and is
+    intact (what `k2 --reuse` skips to), else None. Only versioned outputs can be up to date."""
+    parent = versioned_dir(stage, out)
+    latest = parent / "latest" if parent is not None else None
+    if latest is None or not latest.exists():
+        return None
+    try:
+        art = open_artifact(parent / os.readlink(latest) if latest.is_symlink() else latest)  # vN, not "latest"
+    except K2Error:
+        return None
+    if art.manifest.get("fingerprint") != fingerprint(stage, kind, recipe, inputs) or art.verify():
+        return None
+    return art
+
+
 @dataclass
 class ArtifactWriter:
     """Collects an artifact in a temporary directory, then renames it into place.
@@ -259,13 +310,15 @@ class ArtifactWriter:
     inputs: list = field(default_factory=list)  # list[Artifact]
     force: bool = False
     metrics: dict = field(default_factory=dict)
+    data_split: dict | None = None  # a model's held-out documents (k2cli.lineage), recorded in the manifest
     dir: Path = field(init=False)
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind
-        if self.out is None or ("/" not in self.out and os.sep not in self.out and not Path(self.out).exists()):
+        parent = versioned_dir(self.stage, self.out)
+        if parent is not None:
             self._versioned = True
-            self._parent = stage_dir(self.out or self.stage)
+            self._parent = parent
             self._dest = None
         else:
             self._versioned = False
@@ -274,28 +327,9 @@ class ArtifactWriter:
                 raise K2Error(f"output {self._dest} exists and is not empty", "choose another --out or pass --force")
             self._parent = self._dest.resolve().parent
         _check_writable(self._parent)
-        self.fingerprint = self._fingerprint()
-        if self._versioned and os.environ.get("K2_REUSE"):
-            self._raise_if_up_to_date()
+        self.fingerprint = fingerprint(self.stage, self.kind, self.recipe, self.inputs)
         self.dir = self._parent / f".tmp-{self.stage}-{uuid.uuid4().hex[:10]}"
         self.dir.mkdir()
-
-    def _fingerprint(self) -> str:
-        """What makes this output what it is: stage, kind, resolved recipe, exact inputs."""
-        key = {"stage": self.stage, "kind": self.kind, "recipe": self.recipe,
-               "inputs": sorted(sha256_file(a.path / MANIFEST) for a in self.inputs)}
-        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-    def _raise_if_up_to_date(self) -> None:
-        latest = self._parent / "latest"
-        if not latest.exists():
-            return
-        try:
-            art = open_artifact(latest)
-        except K2Error:
-            return
-        if art.manifest.get("fingerprint") == self.fingerprint and not art.verify():
-            raise UpToDate(f"{art.id} was made from the same recipe and inputs", "drop --reuse to make it again")
 
     def __enter__(self):
         return self
@@ -330,6 +364,8 @@ class ArtifactWriter:
             "fingerprint": self.fingerprint,
             "files": files,
         }
+        if self.data_split is not None:
+            manifest["data_split"] = self.data_split
         if self._versioned:
             # Pick the next free version; a concurrent writer that wins the race makes the
             # rename fail and we simply take the next number.

@@ -5,12 +5,12 @@ Every K2Error raised below is printed as one line and exits with status 2.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import rich_click as click
 
 from k2cli import __version__
+from k2cli.artifacts import using_root
 from k2cli.console import err
 from k2cli.errors import K2Error
 
@@ -26,11 +26,8 @@ class K2Group(click.RichGroup):
         try:
             return super().invoke(ctx)
         except K2Error as e:
-            if e.exit_code == 0:  # UpToDate: nothing to do is success
-                err.print(f"[green]up to date:[/] {e.line()}", soft_wrap=True)
-            else:
-                label = "stopped" if e.exit_code != 2 else "error"
-                err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
+            label = "stopped" if e.exit_code != 2 else "error"
+            err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
             ctx.exit(e.exit_code)
 
 
@@ -45,19 +42,20 @@ class K2Group(click.RichGroup):
 @click.option(
     "--reuse",
     is_flag=True,
-    help="Skip a stage whose latest artifact was made from the same recipe and inputs (make-style; $K2_REUSE=1).",
+    help="Skip a stage whose latest artifact was made from the same recipe and inputs (make-style): prints 'up to date: ...'.",
 )
-def cli(root, reuse):
+@click.pass_context
+def cli(ctx, root, reuse):
     """**k2** — the Kimi K2 training recipe, end to end, on one machine.
 
     Pipeline: `data synth` → `rephrase` → `pretrain` → `extend-context` → `agentic` → `sft` → `rl` → `eval` → `report`.
     Every stage reads and writes versioned artifacts under the artifacts root; refer to
     them by path, `stage:vN` or `stage:latest`.
     """
-    if root:
-        os.environ["K2_ARTIFACTS"] = root
-    if reuse:
-        os.environ["K2_REUSE"] = "1"
+    # Passed on as arguments: every stage command builds its RunOptions from ctx.obj (commands/common.py);
+    # the root also holds for the whole command (artifact references, `k2 artifacts`, `k2 serve`).
+    ctx.obj = {"root": root, "reuse": reuse}
+    ctx.with_resource(using_root(root))
 
 
 # Modules that contribute commands, in the order of the pipeline. Each exports COMMANDS.

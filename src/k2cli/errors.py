@@ -28,12 +28,6 @@ class Interrupted(K2Error):
     exit_code = 130
 
 
-class UpToDate(K2Error):
-    """`k2 --reuse`: the stage's latest artifact was made from the same recipe and inputs."""
-
-    exit_code = 0
-
-
 def closest(name: str, choices) -> str | None:
     """The valid choice that looks most like `name`, for 'did you mean' hints."""
     import difflib

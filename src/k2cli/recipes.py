@@ -8,6 +8,11 @@ dataclasses) or plain values. A recipe is resolved in three layers:
 A section may name a `preset` (for instance `[model] preset = "tiny"`): the section then
 starts from that preset and the remaining keys override it. Unknown keys and values of
 the wrong type are errors that name the key and suggest the closest valid one.
+
+Values are checked once, by ONE walk at resolve time (`validate`): every section's own
+`validate()` (its ranges), children first, then the recipe's `validate()` if it has one (checks
+that span sections, e.g. rl's rollouts per step against samples per prompt). The stage runner
+walks again, for recipes built in Python.
 """
 
 from __future__ import annotations
@@ -169,11 +174,18 @@ def update(obj, table: dict, prefix: str = ""):
                 changes[key] = update(base, value, full)
         else:
             changes[key] = coerce(value, tp, full)
-    new = dataclasses.replace(obj, **changes)
-    check = getattr(new, "validate", None)
-    if callable(check) and changes:
+    return dataclasses.replace(obj, **changes)
+
+
+def validate(recipe) -> None:
+    """The one validation walk: every nested section's `validate()` (children first), then the recipe's own."""
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value)
+    check = getattr(recipe, "validate", None)
+    if callable(check):
         check()
-    return new
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -227,4 +239,5 @@ def resolve_recipe(cls, stage: str, preset: str | None = None, recipe_file: str 
         path, value = parse_override(text)
         table = merge(table, nest(path, value))
     recipe = build(cls, table)
+    validate(recipe)
     return recipe, source

@@ -1,4 +1,4 @@
-"""Options every stage command shares: --preset, --recipe, --set, --out, --force."""
+"""Options every stage command shares: --preset, --recipe, --set; --out, --force (--resume, --restart) -> RunOptions."""
 
 from __future__ import annotations
 
@@ -28,7 +28,27 @@ def recipe_options(stage: str, recipe_cls, default_preset: str | None = "tiny"):
     return decorate
 
 
-def out_options(fn):
-    fn = click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")(fn)
-    fn = click.option("--out", default=None, metavar="REF", help="Output: a directory path, or a name to version under the artifacts root.")(fn)
-    return fn
+def run_options(resume: bool = False, restart: str = ""):
+    """Add --out/--force (a training stage, `resume`: --resume and --restart; `restart`: --restart with
+    this help); the command receives `opts`, a RunOptions that also carries k2's --root and --reuse
+    (the group's `ctx.obj`)."""
+
+    def decorate(fn):
+        @click.option("--out", default=None, metavar="REF", help="Output: a directory path, or a name to version under the artifacts root.")
+        @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+        @functools.wraps(fn)
+        def wrapper(*args, out, force, resume_flag=False, restart=False, **kwargs):
+            from k2cli.stages.runner import RunOptions
+
+            group = click.get_current_context().find_root().obj or {}
+            opts = RunOptions(out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto",
+                              reuse=bool(group.get("reuse")), root=group.get("root"))
+            return fn(*args, opts=opts, **kwargs)
+
+        if resume or restart:
+            wrapper = click.option("--restart", is_flag=True, help=restart or "Discard this run's checkpoints and start over.")(wrapper)
+        if resume:
+            wrapper = click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")(wrapper)
+        return wrapper
+
+    return decorate

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, open_artifact
+from k2cli.artifacts import open_artifact
+from k2cli.commands.common import run_options
+from k2cli.stages.runner import Stage
 from k2cli.console import info, out, print_recipe, table
 from k2cli.errors import K2Error
 from k2cli.model.config import PRESETS, ModelConfig, human
@@ -113,9 +115,8 @@ def info_cmd(ref, preset, overrides, seq_len, as_json):
 @click.option("--preset", default="tiny", show_default=True, help=f"A named shape: {', '.join(PRESETS)}.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. --set hidden_size=256.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
-@click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root (default: model).")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def init_cmd(preset, overrides, seed, out, force):
+@run_options()
+def init_cmd(preset, overrides, seed, opts):
     """Write a randomly initialised model artifact."""
     from k2cli.model.io import save_model_files
     from k2cli.model.transformer import build_model
@@ -131,11 +132,14 @@ def init_cmd(preset, overrides, seed, out, force):
         )
     recipe = {"model": cfg.to_dict(), "seed": seed}
     print_recipe("model init", recipe, source)
-    model = build_model(cfg, seed=seed)
-    with ArtifactWriter(stage="model", kind="model", out=out, recipe=recipe, force=force) as w:
-        save_model_files(model, w.dir)
-        w.metrics = {"params_total": cfg.param_counts()["total"], "params_active": cfg.param_counts()["active"]}
-        art = w.commit(summary=f"randomly initialised {cfg.name} model (seed {seed})")
+    with Stage("model", "model", recipe, opts) as st:
+        if st.up_to_date([]):
+            return
+        model = build_model(cfg, seed=seed)
+        with st.writer() as w:
+            save_model_files(model, w.dir)
+            w.metrics = {"params_total": cfg.param_counts()["total"], "params_active": cfg.param_counts()["active"]}
+            art = w.commit(summary=f"randomly initialised {cfg.name} model (seed {seed})")
     info(f"[green]wrote[/] {art.path} ({art.id}): {human(w.metrics['params_total'])} parameters, "
          f"{human(w.metrics['params_active'])} active")
 
@@ -208,9 +212,8 @@ def _share(directory: Path) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="Storage type of the imported matrices. auto: bf16 when config.json says bfloat16 (DeepSeek-V3, "
                    "Kimi K2: FP8 weights are dequantised to it), else fp32. Norms and router biases stay fp32.")
-@click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root (default: import).")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def import_hf_cmd(directory, dtype, out, force):
+@run_options()
+def import_hf_cmd(directory, dtype, opts):
     """Import a Hugging Face DeepseekV3 / Kimi K2 checkpoint directory as a model artifact.
 
     Reads sharded safetensors one shard at a time, dequantises FP8 block-quantised weights
@@ -231,12 +234,15 @@ def import_hf_cmd(directory, dtype, out, force):
     skipped = [k for k in ckpt.weight_map if ignored_key(k, cfg) and not k.endswith(SCALE_SUFFIX)]
     skipped_layers = sorted({int(m.group(1)) for k in skipped if (m := LAYER_KEY.match(k))})
     recipe = {"model": cfg.to_dict(), "source": str(src.resolve()), "dtype": str(target).removeprefix("torch.")}
-    with ArtifactWriter(stage="import", kind="model", out=out, recipe=recipe, force=force) as w:
-        save_state_dict_files(sd, cfg, w.dir)
-        carried = copy_tokenizer_files(src, w.dir)
-        w.metrics = {"params_total": cfg.param_counts()["total"], "ignored_keys": len(skipped),
-                     "fp8_dequantised": ckpt.block is not None, "tokenizer_files": len(carried)}
-        art = w.commit(summary=f"imported from {directory}")
+    with Stage("import", "model", recipe, opts) as st:
+        if st.up_to_date([]):
+            return
+        with st.writer() as w:
+            save_state_dict_files(sd, cfg, w.dir)
+            carried = copy_tokenizer_files(src, w.dir)
+            w.metrics = {"params_total": cfg.param_counts()["total"], "ignored_keys": len(skipped),
+                         "fp8_dequantised": ckpt.block is not None, "tokenizer_files": len(carried)}
+            art = w.commit(summary=f"imported from {directory}")
     info(f"[green]imported[/] {directory} -> {art.path} ({art.id}), {w.metrics['params_total']:,} parameters in "
          f"{recipe['dtype']}" + (f", FP8 {ckpt.block[0]}x{ckpt.block[1]} blocks dequantised" if ckpt.block else ""))
     if skipped:

@@ -394,6 +394,20 @@ def solution_text(steps: list[str], answer: int) -> str:
     return "Solution: " + " ".join(f"{s}." for s in steps) + f" The answer is {answer}."
 
 
+ANSWER = re.compile(r"answer is (-?\d+)")
+INTEGER = re.compile(r"-?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer of a written solution (what eval's math suite and RL's math environment check):
+    '... The answer is 42.' -> '42'; else the last integer written; else None."""
+    m = ANSWER.findall(text)
+    if m:
+        return m[-1]
+    ints = INTEGER.findall(text)
+    return ints[-1] if ints else None
+
+
 def math_document(row: dict) -> str:
     """The corpus text of a math problem: the problem, then its worked solution."""
     return f"{row['problem']}\n{row['solution']}"

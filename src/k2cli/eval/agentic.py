@@ -21,21 +21,21 @@ from collections import Counter
 
 import numpy as np
 
-from k2cli.artifacts import lineage
+from k2cli import lineage
 from k2cli.eval.suite import SuiteResult, register
 
 MAX_TURNS = 6
 TURN_TOKENS_FACTOR = 3  # per assistant turn: 3 x eval.max_new_tokens (a tool call with its arguments is ~40-60 tiny tokens)
 
 
+AGENTIC_FILES = ("tasks.jsonl", "tools.json")
+
+
 def find_agentic_dataset(ctx):
     """--data when it holds tasks, else the nearest dataset in the model's lineage made by `k2 agentic`."""
-    if ctx.data_art is not None and ctx.data_art.has("tasks.jsonl") and ctx.data_art.has("tools.json"):
+    if ctx.data_art is not None and all(ctx.data_art.has(f) for f in AGENTIC_FILES):
         return ctx.data_art
-    for _, node in lineage(ctx.model_art):
-        if not isinstance(node, dict) and node.kind == "dataset" and node.has("tasks.jsonl") and node.has("tools.json"):
-            return node
-    return None
+    return lineage.dataset(ctx.model_art, *AGENTIC_FILES)
 
 
 def select_tasks(tasks: list[dict], n: int, seed: int) -> list[dict]:

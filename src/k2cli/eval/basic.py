@@ -8,17 +8,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k2cli.artifacts import lineage
-from k2cli.data.packing import pack, split_documents
+from k2cli.data.packing import pack
 from k2cli.eval.suite import SuiteResult, register
+from k2cli.lineage import heldout_split
 from k2cli.model.transformer import ForwardStats
 
 
 def heldout_texts(ctx, limit: int = 200) -> tuple[list[str], str]:
     """Documents the model did not train on, and where they came from.
 
-    If a pretrain run is in the model's lineage and read this corpus, its exact validation
-    split is used (same seed, same fraction); otherwise the whole corpus of the data artifact.
+    If the model's pre-training read this corpus, the validation split it recorded is used
+    (k2cli.lineage); otherwise the whole corpus of the data artifact.
     """
     from k2cli.data.loading import load_corpus
 
@@ -26,16 +26,10 @@ def heldout_texts(ctx, limit: int = 200) -> tuple[list[str], str]:
         return [], "no corpus"
     ds, _ = load_corpus(str(ctx.data_art.path))
     how = f"all of {ctx.data_art.id}"
-    for _, node in lineage(ctx.model_art):
-        if isinstance(node, dict) or node.stage != "pretrain":
-            continue
-        data = node.recipe.get("data", {})
-        inputs = {i.get("path") for i in node.manifest.get("inputs", [])}
-        if str(ctx.data_art.path.resolve()) in inputs:
-            _, val_idx = split_documents(len(ds), data.get("val_fraction", 0.05), node.recipe.get("seed", 0))
-            ds = ds.select(val_idx)
-            how = f"the validation split of {node.id}"
-        break
+    split = heldout_split(ctx.model_art, ctx.data_art)
+    if split is not None:
+        ds = ds.select(split.indices(len(ds))[1])
+        how = f"the validation split of {split.source.id}"
     texts = ds["text"]
     order = np.random.default_rng(ctx.cfg.seed).permutation(len(texts))[:limit]
     return [texts[i] for i in sorted(order)], how

@@ -8,12 +8,11 @@ the answer is compared exactly (after trimming), so the numbers mean what they s
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
 from k2cli.data.chat import parse_assistant, render
+from k2cli.data.synth import extract_answer
 from k2cli.eval.suite import SuiteResult, register
 from k2cli.model.generate import generate
 
@@ -102,19 +101,6 @@ class Knowledge:
         mode = "chat" if ctx.is_chat_model else "cloze"
         return SuiteResult(metrics=metrics, rows=rows,
                            notes=[f"{len(test)} held-out questions ({mode} prompts, greedy); exact match"])
-
-
-ANSWER = re.compile(r"answer is (-?\d+)")
-INTEGER = re.compile(r"-?\d+")
-
-
-def extract_answer(text: str) -> str | None:
-    """'... The answer is 42.' -> '42'; else the last integer written; else None."""
-    m = ANSWER.findall(text)
-    if m:
-        return m[-1]
-    ints = INTEGER.findall(text)
-    return ints[-1] if ints else None
 
 
 @register

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k2cli.artifacts import lineage
+from k2cli import lineage
 from k2cli.errors import K2Error
 from k2cli.eval.suite import SuiteResult, register
 from k2cli.model.generate import generate
@@ -58,9 +58,9 @@ def original_context(model_cfg, model_art=None, override: int = 0) -> int:
     if rs is not None:
         return int(rs.original_max_position_embeddings)
     if model_art is not None:  # extended without scaling ("none"): the stage records its parent's context
-        for _, node in lineage(model_art):
-            if not isinstance(node, dict) and node.metrics.get("original_context"):
-                return int(node.metrics["original_context"])
+        node = lineage.nearest(model_art, lambda n: bool(n.metrics.get("original_context")))
+        if node is not None:
+            return int(node.metrics["original_context"])
     return int(model_cfg.max_position_embeddings)
 
 

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from k2cli.errors import K2Error
 from k2cli.eval.suite import SuiteResult, register
+from k2cli.rl.env import EnvConfig, build_pools, find_agentic, load_world_data
+from k2cli.rl.evaluate import heldout_rewards
 
 ENVS = ("math", "logic", "instruct", "code", "tools", "chat")
 
 
 def _data(ctx):
-    from k2cli.errors import K2Error
-    from k2cli.rl.env import EnvConfig, _lineage_dataset, load_world_data
-
     cfg = EnvConfig(data=ctx.cfg.data if ctx.data_art is not None and ctx.data_art.has("world.json") else "")
     try:
         data = load_world_data(ctx.model_art, cfg)
     except K2Error:
         return None, cfg
-    data.agentic = _lineage_dataset(ctx.model_art, "", ("tasks.jsonl", "tools.json"))
+    data.agentic = find_agentic(ctx.model_art)
     return data, cfg
 
 
@@ -46,11 +46,6 @@ class RLEnvs:
         return None
 
     def run(self, ctx) -> SuiteResult:
-        from k2cli.rl.env import build_pools
-        from k2cli.rl.evaluate import heldout_rewards
-
-        from k2cli.errors import K2Error
-
         data, cfg = _data(ctx)
         context = min(ctx.model.config.max_position_embeddings, 1024)
         pools, skipped = {}, []

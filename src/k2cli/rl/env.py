@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k2cli import lineage
 from k2cli.data.chat import ParsedTurn, parse_assistant
 from k2cli.errors import K2Error
 
@@ -175,19 +176,9 @@ class EnvConfig:
         return self.budget.get(name, env_class(name).default_budget)
 
 
-def _lineage_dataset(model_art, ref: str, files: tuple[str, ...]):
-    from k2cli.artifacts import lineage, open_artifact
-
-    if ref:
-        art = open_artifact(ref, kind="dataset")
-        missing = [f for f in files if not art.has(f)]
-        if missing:
-            raise K2Error(f"dataset {art.id} has no {missing[0]}", "pass the right dataset artifact")
-        return art
-    for _, node in lineage(model_art):
-        if not isinstance(node, dict) and node.kind == "dataset" and all(node.has(f) for f in files):
-            return node
-    return None
+def find_agentic(model_art, ref: str = ""):
+    """The agentic dataset of the tools environment: `ref` (envs.agentic), else the nearest in the lineage."""
+    return lineage.dataset(model_art, "tasks.jsonl", "tools.json", ref=ref, key="envs.agentic")
 
 
 def load_world_data(model_art, cfg: EnvConfig, need_agentic: bool = False) -> WorldData:
@@ -196,12 +187,12 @@ def load_world_data(model_art, cfg: EnvConfig, need_agentic: bool = False) -> Wo
 
     from k2cli.data.world import load_world
 
-    art = _lineage_dataset(model_art, cfg.data, ("world.json",))
+    art = lineage.dataset(model_art, "world.json", ref=cfg.data, key="envs.data")
     if art is None:
         raise K2Error(f"no synthetic-world dataset (world.json) in the lineage of {model_art.id}",
                       "set envs.data to a 'k2 data synth' artifact")
     math_rows = [dict(r) for r in datasets.load_from_disk(str(Path(art.path) / "math"))] if art.has("math") else []
-    agentic = _lineage_dataset(model_art, cfg.agentic, ("tasks.jsonl", "tools.json")) if need_agentic else None
+    agentic = find_agentic(model_art, cfg.agentic) if need_agentic else None
     if need_agentic and agentic is None:
         raise K2Error(f"the tools environment needs an agentic dataset; none in the lineage of {model_art.id}",
                       "set envs.agentic to a 'k2 agentic' artifact, or set envs.mix.tools=0")

@@ -40,13 +40,14 @@ import numpy as np
 import torch
 
 from k2cli.errors import K2Error
-from k2cli.rl.batch import CRITIC, PAD, PTX, RL, rows_to_tensors
-from k2cli.rl.critic import Critic, Pair, correct_wrong_pairs
+from k2cli.rl.batch import CRITIC, PAD, PTX, RL, PTXConfig, rows_to_tensors
+from k2cli.rl.critic import Critic, CriticConfig, Pair, correct_wrong_pairs
 from k2cli.rl.env import Pool
 from k2cli.rl.evaluate import heldout_rewards
-from k2cli.rl.objective import (LOSSES, advantages, budget_penalty, length_rewards, policy_loss, sequence_logprobs,
+from k2cli.rl.objective import (LOSSES, TemperatureConfig, advantages, budget_penalty, length_rewards, policy_loss, sequence_logprobs,
                                 temperature_at)
 from k2cli.rl.rollout import Trajectory, run_rollouts, start
+from k2cli.train.loop import TrainConfig
 
 
 @dataclass
@@ -99,25 +100,27 @@ class RolloutLog:
 
 
 class RLTask:
-    """`recipe` is the stage's RLRecipe (sections envs, rl, temperature, critic, ptx, train; seed)."""
+    """Takes its recipe sections, not a stage's recipe: envs.mix, rl, temperature, ptx, critic, train (steps,
+    batch_size = rollouts per step, seq_len = the context, precision) and the seed."""
 
-    def __init__(self, model, tokenizer, pools: dict[str, Pool], selected: dict[str, list[int]], recipe, critic: Critic,
-                 ptx: list, heldout_pairs: list[Pair], run_dir: Path, first_pairs: list[Pair] = ()):
+    def __init__(self, model, tokenizer, pools: dict[str, Pool], selected: dict[str, list[int]], critic: Critic,
+                 ptx: list, heldout_pairs: list[Pair], run_dir: Path, first_pairs: list[Pair] = (), *,
+                 mix: dict[str, float], rl: RLConfig, temperature: TemperatureConfig, ptx_cfg: PTXConfig,
+                 critic_cfg: CriticConfig, train: TrainConfig, seed: int):
         self.model, self.tok = model, tokenizer
         self.pools, self.selected = pools, selected
-        mix = recipe.envs.mix
         self.names = sorted(n for n in pools if mix.get(n, 0) > 0 and selected.get(n))
         if not self.names:
             raise K2Error("no environment has training prompts left after the prompt selection",
                           "lower select.min_rate / raise select.max_rate, or set select.k=0 to keep every prompt")
         self.mix = [mix[n] for n in self.names]
-        self.cfg, self.temperature, self.ptx_cfg, self.critic_cfg = recipe.rl, recipe.temperature, recipe.ptx, recipe.critic
+        self.cfg, self.temperature, self.ptx_cfg, self.critic_cfg = rl, temperature, ptx_cfg, critic_cfg
         self.critic, self.ptx, self.heldout_pairs = critic, ptx, heldout_pairs
-        self.replay = list(first_pairs)[-recipe.critic.replay_size:] if recipe.critic.replay_size else []
-        self.steps, self.context, self.seed = recipe.train.steps, recipe.train.seq_len, recipe.seed
-        self.precision = recipe.train.precision
-        self.K = recipe.rl.samples_per_prompt
-        self.P = recipe.train.batch_size // self.K
+        self.replay = list(first_pairs)[-critic_cfg.replay_size:] if critic_cfg.replay_size else []
+        self.steps, self.context, self.seed = train.steps, train.seq_len, seed
+        self.precision = train.precision
+        self.K = rl.samples_per_prompt
+        self.P = train.batch_size // self.K
         self.tokens_per_sequence = self.context
         self.budgets = {n: p.budget for n, p in pools.items()}
         self.log = RolloutLog(Path(run_dir) / "rollouts.jsonl")

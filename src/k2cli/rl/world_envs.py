@@ -24,6 +24,7 @@ import json
 import random
 
 from k2cli.data.chat import ParsedTurn
+from k2cli.data.synth import extract_answer, math_problems
 from k2cli.rl.env import Environment, WorldData, register
 
 SPLIT_SEEDS = {"train": 1, "test": 2}
@@ -65,8 +66,6 @@ class MathEnv(Environment):
 
     @classmethod
     def load(cls, data: WorldData, cfg):
-        from k2cli.data.synth import math_problems
-
         def row(r):
             return {"prompt": r["problem"], "answer": str(r["answer"]), "kind": r.get("kind", "")}
 
@@ -81,8 +80,6 @@ class MathEnv(Environment):
         return train, test, None
 
     def score(self, problem, turn: ParsedTurn):
-        from k2cli.eval.knowledge import extract_answer
-
         got = extract_answer(turn.content)
         ok = got == problem["answer"]
         return float(ok), {"correct": ok, "answer": got, "expected": problem["answer"]}

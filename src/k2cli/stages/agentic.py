@@ -32,13 +32,13 @@ from k2cli.agentic.simulators import McpFailure, SimConfig
 from k2cli.agentic.synthesis import TaskConfig, TokenCounter, plan_tasks
 from k2cli.agentic.toolgen import ToolGenConfig, generate_tools
 from k2cli.agentic.tools import WorldTables, echo_runner, external_tool, load_external_specs
-from k2cli.artifacts import ArtifactWriter, open_artifact
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.artifacts import open_artifact
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import err, info, quiet
 from k2cli.data.synth import save_dataset
 from k2cli.data.world import WORLD_FILE, load_world
 from k2cli.errors import K2Error
-from k2cli.recipes import to_dict
+from k2cli.stages.runner import RunOptions, Stage
 
 
 @dataclass
@@ -72,11 +72,6 @@ class AgenticRecipe:
     external_tools: str = ""  # a JSON file of extra tool specs (OpenAI or MCP shape), executed by the tool simulator
 
     def validate(self) -> "AgenticRecipe":
-        self.tools.validate()
-        self.agents.validate()
-        self.tasks.validate()
-        self.simulator.validate()
-        self.policy.validate()
         if self.episode.max_turns < 1 or self.episode.attempts < 1 or self.episode.max_tokens < 0:
             raise K2Error("episode.max_turns and episode.attempts must be >= 1, max_tokens >= 0", "e.g. max_turns = 8")
         return self
@@ -137,139 +132,140 @@ def _row(ep, tokens: int) -> dict:
             "tool_calls": ep.n_calls, "tokens": tokens}
 
 
-def run(recipe: AgenticRecipe, out: str | None = None, force: bool = False):
-    t0 = time.time()
-    recipe.validate()
-    data_art = open_artifact(recipe.input, kind="dataset")
-    world = load_world(recipe.input)
-    tables = WorldTables(world, recipe.seed)
-    toolset = generate_tools(recipe.tools, recipe.seed)
-    stats: Counter = Counter()
-    # --- tools known only by their spec: --tools FILE, --mcp
-    spec_tools = []
-    if recipe.external_tools:
-        spec_tools += [external_tool(s, "external", echo_runner(s["function"]["name"])) for s in load_external_specs(recipe.external_tools)]
-    server, mcp_error, mcp_invalid = None, "", []
-    try:
-        if recipe.mcp.command:
-            from k2cli.agentic.mcp_tools import McpServer
-
-            server = McpServer(recipe.mcp.command, recipe.mcp.timeout_s, recipe.mcp.start_timeout_s)
-            try:
-                server.start()
-                spec_tools += server.tools()
-                mcp_invalid = server.invalid
-                for problem in mcp_invalid:
-                    info(f"[yellow]skipped an MCP tool[/]: {problem}")
-                info(f"mcp: {len(server.specs)} tools from '{recipe.mcp.command}'")
-            except McpFailure as e:
-                mcp_error = str(e)
-                info(f"[yellow]mcp: {mcp_error}; going on without MCP tools[/]")
-        names = {t.name for t in toolset.tools}
-        for t in spec_tools:
-            if t.name in names:
-                raise K2Error(f"tool name '{t.name}' ({t.source}) clashes with another tool", "rename the tool")
-            names.add(t.name)
+def run(recipe: AgenticRecipe, opts: RunOptions = RunOptions()):
+    with Stage("agentic", "dataset", recipe, opts) as st:
+        t0 = time.time()
+        data_art = open_artifact(recipe.input, kind="dataset")
         counter = TokenCounter(recipe.episode.tokenizer)
-        plan = plan_tasks(toolset.tools, toolset.heldout, tables, recipe.agents, recipe.tasks, recipe.seed, spec_tools,
-                          recipe.mcp.tasks_per_tool, fits=counter.fits(recipe.episode.max_tokens))
-        agents = {a["id"]: a for a in plan.agents}
-        train_tasks = [t for t in plan.tasks if t["split"] == "train"]
-        test_tasks = [t for t in plan.tasks if t["split"] == "test"]
-        # --- trajectories
-        policy = make_policy(recipe.policy)
-        episodes = [new_episode(task, agents[task["agent_id"]], plan.tools, tables, recipe.simulator, recipe.seed + k,
-                                recipe.episode.max_turns) for k in range(recipe.episode.attempts) for task in train_tasks]
-        bar = Progress(len(episodes), "agentic")
+        if done := st.up_to_date([data_art, counter.art]):
+            return done
+        world = load_world(recipe.input)
+        tables = WorldTables(world, recipe.seed)
+        toolset = generate_tools(recipe.tools, recipe.seed)
+        stats: Counter = Counter()
+        # --- tools known only by their spec: --tools FILE, --mcp
+        spec_tools = []
+        if recipe.external_tools:
+            spec_tools += [external_tool(s, "external", echo_runner(s["function"]["name"])) for s in load_external_specs(recipe.external_tools)]
+        server, mcp_error, mcp_invalid = None, "", []
         try:
-            run_episodes(episodes, policy, progress=bar)
+            if recipe.mcp.command:
+                from k2cli.agentic.mcp_tools import McpServer
+
+                server = McpServer(recipe.mcp.command, recipe.mcp.timeout_s, recipe.mcp.start_timeout_s)
+                try:
+                    server.start()
+                    spec_tools += server.tools()
+                    mcp_invalid = server.invalid
+                    for problem in mcp_invalid:
+                        info(f"[yellow]skipped an MCP tool[/]: {problem}")
+                    info(f"mcp: {len(server.specs)} tools from '{recipe.mcp.command}'")
+                except McpFailure as e:
+                    mcp_error = str(e)
+                    info(f"[yellow]mcp: {mcp_error}; going on without MCP tools[/]")
+            names = {t.name for t in toolset.tools}
+            for t in spec_tools:
+                if t.name in names:
+                    raise K2Error(f"tool name '{t.name}' ({t.source}) clashes with another tool", "rename the tool")
+                names.add(t.name)
+            plan = plan_tasks(toolset.tools, toolset.heldout, tables, recipe.agents, recipe.tasks, recipe.seed, spec_tools,
+                              recipe.mcp.tasks_per_tool, fits=counter.fits(recipe.episode.max_tokens))
+            agents = {a["id"]: a for a in plan.agents}
+            train_tasks = [t for t in plan.tasks if t["split"] == "train"]
+            test_tasks = [t for t in plan.tasks if t["split"] == "test"]
+            # --- trajectories
+            policy = make_policy(recipe.policy)
+            episodes = [new_episode(task, agents[task["agent_id"]], plan.tools, tables, recipe.simulator, recipe.seed + k,
+                                    recipe.episode.max_turns) for k in range(recipe.episode.attempts) for task in train_tasks]
+            bar = Progress(len(episodes), "agentic")
+            try:
+                run_episodes(episodes, policy, progress=bar)
+            finally:
+                bar.close()
+            reasons: Counter = Counter()
+            passed, kept_rows, tokens = [], [], []
+            for ep in episodes:
+                stats.update(ep.stats)
+                v = judge_episode(ep, tables, plan.tools)
+                if not v.keep:
+                    reasons[v.reason] += 1
+                    continue
+                n = counter(ep.messages, ep.tool_specs)
+                if recipe.episode.max_tokens and n > recipe.episode.max_tokens:
+                    reasons["too_long"] += 1
+                    continue
+                passed.append((ep, n))
+            if recipe.judge.backend and passed:
+                verdicts = ModelJudge(recipe.judge)([ep for ep, _ in passed])
+                reasons["model_judge"] += sum(not ok for ok in verdicts)
+                passed = [p for p, ok in zip(passed, verdicts) if ok]
+            seen_kept = set()
+            for ep, n in passed:
+                kept_rows.append(_row(ep, n))
+                tokens.append(n)
+                seen_kept.update(ep.tools)
+            # --- held-out tasks: solvable (the planner, no stochasticity), within the token budget, really unseen?
+            check = [new_episode(task, agents[task["agent_id"]], plan.tools, tables, recipe.simulator, recipe.seed, recipe.episode.max_turns,
+                                 inject=False) for task in test_tasks]
+            run_episodes(check, PlannerPolicy())
+            solved, kept_test, dropped_test = 0, [], Counter()
+            for ep in check:
+                ok = judge_episode(ep, tables, plan.tools).success
+                solved += ok
+                n = counter(ep.messages, ep.tool_specs)
+                ep.task["rubric"]["tokens"] = n
+                if not ok:
+                    dropped_test["unsolvable"] += 1
+                elif recipe.episode.max_tokens and n > recipe.episode.max_tokens:
+                    dropped_test["too_long"] += 1
+                else:
+                    kept_test.append(ep.task)
+            planner_test_success = solved / max(1, len(test_tasks))
+            for task in kept_test:
+                needed = {s["tool"] for s in task["plan"]["steps"]}
+                task["tool_source"] = "seen" if needed <= seen_kept else "unseen"
+            test_ids = {t["id"] for t in kept_test}
+            plan.tasks = [t for t in plan.tasks if t["split"] == "train" or t["id"] in test_ids]
+            test_tasks = kept_test
+            if not kept_rows:
+                raise K2Error(f"no trajectory passed the judge ({dict(reasons)})",
+                              "check the recipe: a larger episode.max_tokens, fewer tools per agent, or another agent")
         finally:
-            bar.close()
-        reasons: Counter = Counter()
-        passed, kept_rows, tokens = [], [], []
-        for ep in episodes:
-            stats.update(ep.stats)
-            v = judge_episode(ep, tables, plan.tools)
-            if not v.keep:
-                reasons[v.reason] += 1
-                continue
-            n = counter(ep.messages, ep.tool_specs)
-            if recipe.episode.max_tokens and n > recipe.episode.max_tokens:
-                reasons["too_long"] += 1
-                continue
-            passed.append((ep, n))
-        if recipe.judge.backend and passed:
-            verdicts = ModelJudge(recipe.judge)([ep for ep, _ in passed])
-            reasons["model_judge"] += sum(not ok for ok in verdicts)
-            passed = [p for p, ok in zip(passed, verdicts) if ok]
-        seen_kept = set()
-        for ep, n in passed:
-            kept_rows.append(_row(ep, n))
-            tokens.append(n)
-            seen_kept.update(ep.tools)
-        # --- held-out tasks: solvable (the planner, no stochasticity), within the token budget, really unseen?
-        check = [new_episode(task, agents[task["agent_id"]], plan.tools, tables, recipe.simulator, recipe.seed, recipe.episode.max_turns,
-                             inject=False) for task in test_tasks]
-        run_episodes(check, PlannerPolicy())
-        solved, kept_test, dropped_test = 0, [], Counter()
-        for ep in check:
-            ok = judge_episode(ep, tables, plan.tools).success
-            solved += ok
-            n = counter(ep.messages, ep.tool_specs)
-            ep.task["rubric"]["tokens"] = n
-            if not ok:
-                dropped_test["unsolvable"] += 1
-            elif recipe.episode.max_tokens and n > recipe.episode.max_tokens:
-                dropped_test["too_long"] += 1
-            else:
-                kept_test.append(ep.task)
-        planner_test_success = solved / max(1, len(test_tasks))
-        for task in kept_test:
-            needed = {s["tool"] for s in task["plan"]["steps"]}
-            task["tool_source"] = "seen" if needed <= seen_kept else "unseen"
-        test_ids = {t["id"] for t in kept_test}
-        plan.tasks = [t for t in plan.tasks if t["split"] == "train" or t["id"] in test_ids]
-        test_tasks = kept_test
-        if not kept_rows:
-            raise K2Error(f"no trajectory passed the judge ({dict(reasons)})",
-                          "check the recipe: a larger episode.max_tokens, fewer tools per agent, or another agent")
-    finally:
-        if server is not None:
-            server.close()
-    mcp_tools = [t for t in spec_tools if t.source == "mcp"]
-    mcp_kept = sum(r["tool_source"] == "mcp" for r in kept_rows)
-    inputs = [data_art] + ([counter.art] if counter.art is not None else [])
-    with ArtifactWriter(stage="agentic", kind="dataset", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
-        save_dataset(kept_rows, w.dir / "chat")
-        all_tools = [dict(t.to_dict(), split="heldout" if t.name in toolset.heldout else "train") for t in toolset.tools]
-        all_tools += [dict(t.to_dict(), split="train") for t in spec_tools]
-        (w.dir / "tools.json").write_text(json.dumps({"count": len(all_tools), "tools": all_tools}, ensure_ascii=False) + "\n")
-        (w.dir / "agents.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in plan.agents))
-        (w.dir / "tasks.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in plan.tasks))
-        shutil.copyfile(data_art.file(WORLD_FILE), w.dir / WORLD_FILE)
-        n_test_seen = sum(t["tool_source"] == "seen" for t in test_tasks)
-        m = {
-            "tools_total": len(all_tools), **toolset.stats, "tools_mcp": len(mcp_tools),
-            "tools_external": sum(t.source == "external" for t in spec_tools), "tools_mcp_invalid": len(mcp_invalid),
-            "agents_train": sum(a["split"] == "train" for a in plan.agents), "agents_test": sum(a["split"] == "test" for a in plan.agents),
-            "tasks_train": len(train_tasks), "tasks_test": len(test_tasks), "tasks_test_seen": n_test_seen,
-            "tasks_test_unseen": len(test_tasks) - n_test_seen, "trajectories": len(episodes), "kept": len(kept_rows),
-            "rejected": len(episodes) - len(kept_rows), **{f"rejected_{k}": v for k, v in sorted(reasons.items())},
-            "kept_mcp": mcp_kept, "mcp_error": mcp_error,
-            **{k: v for k, v in sorted(stats.items()) if k not in ("turns", "well_formed_turns", "call_turns", "call_turns_well_formed")},
-            "tool_calls": sum(ep.n_calls for ep in episodes), "avg_turns_kept": round(sum(r["turns"] for r in kept_rows) / len(kept_rows), 3),
-            "tokens_mean": round(sum(tokens) / len(tokens), 1), "tokens_max": max(tokens), "tokens_counted": counter.how,
-            "planner_test_success": planner_test_success, **{f"tasks_test_dropped_{k}": v for k, v in sorted(dropped_test.items())},
-            "policy": recipe.policy.name,
-            "wall_s": round(time.time() - t0, 1),
-        }
-        w.metrics = m
-        (w.dir / "summary.md").write_text(_summary(m, recipe, reasons, counter.how, kept_rows))
-        art = w.commit(summary=f"{m['tools_total']} tools, {m['agents_train']}+{m['agents_test']} agents, "
-                               f"{m['tasks_train']}+{m['tasks_test']} tasks, {m['kept']}/{m['trajectories']} trajectories kept")
-    info(f"[green]wrote[/] {art.path} ({art.id}): {m['tools_total']} tools, {m['kept']} kept / {m['rejected']} rejected "
-         f"({', '.join(f'{k} {v}' for k, v in reasons.most_common()) or 'none'}), {m['wall_s']} s")
-    return art
+            if server is not None:
+                server.close()
+        mcp_tools = [t for t in spec_tools if t.source == "mcp"]
+        mcp_kept = sum(r["tool_source"] == "mcp" for r in kept_rows)
+        with st.writer() as w:
+            save_dataset(kept_rows, w.dir / "chat")
+            all_tools = [dict(t.to_dict(), split="heldout" if t.name in toolset.heldout else "train") for t in toolset.tools]
+            all_tools += [dict(t.to_dict(), split="train") for t in spec_tools]
+            (w.dir / "tools.json").write_text(json.dumps({"count": len(all_tools), "tools": all_tools}, ensure_ascii=False) + "\n")
+            (w.dir / "agents.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in plan.agents))
+            (w.dir / "tasks.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in plan.tasks))
+            shutil.copyfile(data_art.file(WORLD_FILE), w.dir / WORLD_FILE)
+            n_test_seen = sum(t["tool_source"] == "seen" for t in test_tasks)
+            m = {
+                "tools_total": len(all_tools), **toolset.stats, "tools_mcp": len(mcp_tools),
+                "tools_external": sum(t.source == "external" for t in spec_tools), "tools_mcp_invalid": len(mcp_invalid),
+                "agents_train": sum(a["split"] == "train" for a in plan.agents), "agents_test": sum(a["split"] == "test" for a in plan.agents),
+                "tasks_train": len(train_tasks), "tasks_test": len(test_tasks), "tasks_test_seen": n_test_seen,
+                "tasks_test_unseen": len(test_tasks) - n_test_seen, "trajectories": len(episodes), "kept": len(kept_rows),
+                "rejected": len(episodes) - len(kept_rows), **{f"rejected_{k}": v for k, v in sorted(reasons.items())},
+                "kept_mcp": mcp_kept, "mcp_error": mcp_error,
+                **{k: v for k, v in sorted(stats.items()) if k not in ("turns", "well_formed_turns", "call_turns", "call_turns_well_formed")},
+                "tool_calls": sum(ep.n_calls for ep in episodes), "avg_turns_kept": round(sum(r["turns"] for r in kept_rows) / len(kept_rows), 3),
+                "tokens_mean": round(sum(tokens) / len(tokens), 1), "tokens_max": max(tokens), "tokens_counted": counter.how,
+                "planner_test_success": planner_test_success, **{f"tasks_test_dropped_{k}": v for k, v in sorted(dropped_test.items())},
+                "policy": recipe.policy.name,
+                "wall_s": round(time.time() - t0, 1),
+            }
+            w.metrics = m
+            (w.dir / "summary.md").write_text(_summary(m, recipe, reasons, counter.how, kept_rows))
+            art = w.commit(summary=f"{m['tools_total']} tools, {m['agents_train']}+{m['agents_test']} agents, "
+                                   f"{m['tasks_train']}+{m['tasks_test']} tasks, {m['kept']}/{m['trajectories']} trajectories kept")
+        info(f"[green]wrote[/] {art.path} ({art.id}): {m['tools_total']} tools, {m['kept']} kept / {m['rejected']} rejected "
+             f"({', '.join(f'{k} {v}' for k, v in reasons.most_common()) or 'none'}), {m['wall_s']} s")
+        return art
 
 
 @click.command("agentic")
@@ -282,8 +278,8 @@ def run(recipe: AgenticRecipe, out: str | None = None, force: bool = False):
 @click.option("--tools", "tools_file", default=None, metavar="FILE", help="Extra tool specs (JSON list, OpenAI or MCP shape).")
 @click.option("--judge", "judge_backend", default=None, metavar="NAME", help="Also ask a model judge: k2:MODEL_REF or openai.")
 @click.option("--tokenizer", default=None, metavar="REF", help="Count tokens with this model/tokenizer artifact (episode.tokenizer).")
-@out_options
-def agentic_cmd(dataset, recipe, recipe_source, agent, base_url, model_name, mcp_command, tools_file, judge_backend, tokenizer, out, force):
+@run_options()
+def agentic_cmd(dataset, recipe, recipe_source, agent, base_url, model_name, mcp_command, tools_file, judge_backend, tokenizer, opts):
     """Synthesise tool-use trajectories over the world of DATASET (default: the recipe's `input`):
     1,000+ tools, agents, tasks with rubrics, simulated multi-turn episodes, judged and filtered.
     """
@@ -297,7 +293,7 @@ def agentic_cmd(dataset, recipe, recipe_source, agent, base_url, model_name, mcp
     episode = dataclasses.replace(r.episode, tokenizer=tokenizer) if tokenizer else r.episode
     r = dataclasses.replace(r, policy=policy, judge=judge, mcp=mcp, episode=episode,
                             external_tools=tools_file if tools_file else r.external_tools)
-    run(r, out=out, force=force)
+    run(r, opts)
 
 
 COMMANDS = [agentic_cmd]

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, lineage, open_artifact
-from k2cli.commands.common import out_options, recipe_options
+from k2cli import lineage
+from k2cli.artifacts import open_artifact
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info, out as stdout, table
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
 from k2cli.eval.suite import EvalConfig, EvalContext, all_suites, get_suite
 from k2cli.model.io import load_model
 from k2cli.recipes import to_dict
+from k2cli.stages.runner import RunOptions, Stage
 
 
 @dataclass
@@ -29,22 +31,12 @@ class EvalRecipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def find_dataset(model_art, explicit: str = ""):
-    """The dataset to evaluate on: --data, else the nearest dataset artifact in the lineage."""
-    if explicit:
-        return open_artifact(explicit, kind="dataset")
-    for _, node in lineage(model_art):
-        if not isinstance(node, dict) and node.kind == "dataset":
-            return node
-    return None
-
-
 def evaluate_model(ref: str, cfg: EvalConfig, suites: list[str], out_dir: Path, label: str) -> dict:
     model, art = load_model(ref, verify=True)
     if not (art.path / "tokenizer.json").exists():
         raise K2Error(f"model {art.id} has no tokenizer", "evaluate a model trained by k2 (pretrain writes one), or add tokenizer files")
     tokenizer = load_tokenizer(art.path)
-    ctx = EvalContext(model, tokenizer, art, find_dataset(art, cfg.data), cfg, out_dir, label)
+    ctx = EvalContext(model, tokenizer, art, lineage.dataset(art, ref=cfg.data), cfg, out_dir, label)  # --data, else the nearest
     results = {"label": label, "id": art.id, "stage": art.stage, "suites": {}}
     for name in suites:
         suite = get_suite(name)
@@ -106,37 +98,38 @@ def plot_comparison(all_results, suites, path: Path):
     return path
 
 
-def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, out: str | None = None, force: bool = False,
-        labels: list[str] | None = None):
+def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, labels: list[str] | None = None,
+        opts: RunOptions = RunOptions()):
     cfg = recipe.eval
     suites = suites or cfg.suites
-    for s in suites:
-        get_suite(s)  # unknown names fail before any work
-    arts = [open_artifact(m, kind="model") for m in models]
-    labels = labels or [a.id for a in arts]
-    inputs = list({a.path: a for a in arts}.values())
-    with ArtifactWriter(stage="eval", kind="eval", out=out, recipe=to_dict(recipe) | {"suites": suites, "models": models},
-                        inputs=inputs, force=force) as w:
-        results = [evaluate_model(m, cfg, suites, w.dir, label) for m, label in zip(models, labels)]
-        header = ["suite", "metric"] + labels
-        rows = comparison_rows(results, suites)
-        (w.dir / "results.json").write_text(json.dumps({"models": results}, indent=2, default=float) + "\n")
-        plot = plot_comparison(results, suites, w.dir / "comparison.png")
-        md = ["# Evaluation", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-        md.append("")
-        for r in results:
-            for name, s in r["suites"].items():
-                for note in s.get("notes", []):
-                    md.append(f"- {r['label']} / {name}: {note}")
-                for p in s.get("plots", []):
-                    md.append(f"\n![{r['label']} {name}]({p})")
-        if plot:
-            md.append("\n![comparison](comparison.png)")
-        (w.dir / "report.md").write_text("\n".join(md) + "\n")
-        w.metrics = {f"{r['label']}/{name}/{k}": v for r in results for name, s in r["suites"].items()
-                     for k, v in s.get("metrics", {}).items() if "layer" not in k}
-        art = w.commit(summary=f"eval of {len(models)} model(s) on {', '.join(suites)}")
+    with Stage("eval", "eval", to_dict(recipe) | {"suites": suites, "models": models}, opts) as st:
+        for s in suites:
+            get_suite(s)  # unknown names fail before any work
+        arts = [open_artifact(m, kind="model") for m in models]
+        labels = labels or [a.id for a in arts]
+        if done := st.up_to_date(list({a.path: a for a in arts}.values())):
+            return done, json.loads(done.file("results.json").read_text())["models"]
+        with st.writer() as w:
+            results = [evaluate_model(m, cfg, suites, w.dir, label) for m, label in zip(models, labels)]
+            header = ["suite", "metric"] + labels
+            rows = comparison_rows(results, suites)
+            (w.dir / "results.json").write_text(json.dumps({"models": results}, indent=2, default=float) + "\n")
+            plot = plot_comparison(results, suites, w.dir / "comparison.png")
+            md = ["# Evaluation", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+            md.append("")
+            for r in results:
+                for name, s in r["suites"].items():
+                    for note in s.get("notes", []):
+                        md.append(f"- {r['label']} / {name}: {note}")
+                    for p in s.get("plots", []):
+                        md.append(f"\n![{r['label']} {name}]({p})")
+            if plot:
+                md.append("\n![comparison](comparison.png)")
+            (w.dir / "report.md").write_text("\n".join(md) + "\n")
+            w.metrics = {f"{r['label']}/{name}/{k}": v for r in results for name, s in r["suites"].items()
+                         for k, v in s.get("metrics", {}).items() if "layer" not in k}
+            art = w.commit(summary=f"eval of {len(models)} model(s) on {', '.join(suites)}")
     stdout.print(table(f"evaluation ({art.id})", header, rows))
     info(f"[green]wrote[/] {art.path} ({art.id})")
     return art, results
@@ -150,8 +143,8 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
 @click.option("--label", "labels", multiple=True, help="A display name per model (repeat in order).")
 @click.option("--list-suites", is_flag=True, is_eager=False, help="List the suites and exit.")
 @recipe_options("eval", EvalRecipe)
-@out_options
-def eval_cmd(models, suite_names, data, labels, list_suites, recipe, recipe_source, out, force):
+@run_options()
+def eval_cmd(models, suite_names, data, labels, list_suites, recipe, recipe_source, opts):
     """Evaluate MODEL... (artifact refs) on the chosen suites, side by side."""
     if list_suites:
         for name, s in all_suites().items():
@@ -162,7 +155,7 @@ def eval_cmd(models, suite_names, data, labels, list_suites, recipe, recipe_sour
     if labels and len(labels) != len(models):
         raise K2Error(f"{len(labels)} --label values for {len(models)} models", "give one --label per model or none")
     suites = [s.strip() for s in suite_names.split(",")] if suite_names else None
-    run(list(models), recipe, suites, out=out, force=force, labels=list(labels) or None)
+    run(list(models), recipe, suites, labels=list(labels) or None, opts=opts)
 
 
 

@@ -21,30 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import rich_click as click
 
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
-from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents, split_token_documents
+from k2cli.data.lm_data import DataConfig, build_lm_data, load_documents, split_token_documents
 from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
-from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.eval.suite import EvalConfig, EvalContext, get_suite
+from k2cli.lineage import corpus_split
 from k2cli.model.config import ModelConfig, RopeScaling
-from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.recipes import to_dict
-from k2cli.train import distributed as dist
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train.lm_task import LMTask
-from k2cli.train.loop import TrainConfig, train
-from k2cli.train.outputs import run_dir_for, write_model_outputs
+from k2cli.train.loop import TrainConfig
 
 METHODS = ("yarn", "linear", "ntk", "none")
 
@@ -156,100 +152,85 @@ def evaluate_pair(pairs, tokenizer, parent_art, data_art, cfg: EvalConfig, out_d
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(recipe: ExtendRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
+def run(recipe: ExtendRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
-    resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
-    recipe.extend.validate()
-    recipe.data.validate()
-    recipe.train.validate()
-    recipe.optim.validate()
-    parent, model_art = load_model(recipe.model, verify=True)
-    if not model_art.has("tokenizer.json"):
-        raise K2Error(f"model {model_art.id} has no tokenizer", "extend a model made by k2 pretrain")
-    tokenizer = load_tokenizer(model_art.path)
-    cfg, orig = extended_config(parent.config, recipe.extend, recipe.train.seq_len)
-    seq_len = recipe.train.seq_len
-    if "passkey" in recipe.eval.suites:  # a bad passkey request fails now, not after training
-        from k2cli.eval.passkey import check_request
+    with Stage("extend-context", "model", recipe, opts) as st:
+        parent, model_art, tokenizer = load_parent(recipe.model, "extend a model made by k2 pretrain")
+        cfg, orig = extended_config(parent.config, recipe.extend, recipe.train.seq_len)
+        seq_len = recipe.train.seq_len
+        if "passkey" in recipe.eval.suites:  # a bad passkey request fails now, not after training
+            from k2cli.eval.passkey import check_request
 
-        check_request(tokenizer, recipe.eval.passkey_context or orig, recipe.eval)
+            check_request(tokenizer, recipe.eval.passkey_context or orig, recipe.eval)
 
-    # data: the corpus at the new length + long documents + retrieval rows
-    ref, split_seed, val_fraction, how = lineage_corpus(model_art, recipe.data.input, recipe.data.val_fraction, recipe.seed)
-    from k2cli.data.lm_data import DataConfig
+        # data: the corpus at the new length (split as the model's pre-training split it) + long documents + retrieval rows
+        split = corpus_split(model_art, recipe.data.input, recipe.data.val_fraction, recipe.seed)
+        ds, data_art, fingerprint = load_documents(DataConfig(input=split.corpus, text_field=recipe.data.text_field))
+        if done := st.up_to_date([model_art, data_art]):
+            return done
+        world = find_world(recipe.data, data_art)
+        lm = build_lm_data(ds, data_art, fingerprint, tokenizer, seq_len, split, split.seed)
+        train_docs = split_token_documents(ds, fingerprint, tokenizer, split)[0]
+        n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
+        data = build_long_context_data(lm, train_docs, tokenizer, world, seq_len, recipe.data, n_rows, recipe.seed)
+        if recipe.train.batch_size > len(data.train):
+            raise K2Error(f"train.batch_size={recipe.train.batch_size} but the mix has only {len(data.train)} rows",
+                          "raise data.rows or lower train.batch_size")
 
-    ds, data_art, fingerprint = load_documents(DataConfig(input=ref, text_field=recipe.data.text_field))
-    world = find_world(recipe.data, data_art)
-    lm = build_lm_data(ds, data_art, fingerprint, tokenizer, seq_len, val_fraction, split_seed)
-    train_docs = split_token_documents(ds, fingerprint, tokenizer, val_fraction, split_seed)[0]
-    n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
-    data = build_long_context_data(lm, train_docs, tokenizer, world, seq_len, recipe.data, n_rows, recipe.seed)
-    if recipe.train.batch_size > len(data.train):
-        raise K2Error(f"train.batch_size={recipe.train.batch_size} but the mix has only {len(data.train)} rows",
-                      "raise data.rows or lower train.batch_size")
-
-    run_dir = run_dir_for("extend-context", to_dict(recipe), [model_art.manifest["uid"], fingerprint])
-    if resume == "no" and run_dir.exists():
-        shutil.rmtree(run_dir)
-    inputs = [model_art] + ([data_art] if data_art is not None else [])
-    method = recipe.extend.method
-    scale_txt = "no scaling" if cfg.rope_scaling is None else f"{method} x{cfg.rope_scaling.factor:g}"
-    with dist.artifact_writer(stage="extend-context", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
+        run_dir = st.run_dir([model_art.manifest["uid"], fingerprint])
+        method = recipe.extend.method
+        scale_txt = "no scaling" if cfg.rope_scaling is None else f"{method} x{cfg.rope_scaling.factor:g}"
         info(f"extend-context: {model_art.id} {parent.config.max_position_embeddings} -> {cfg.max_position_embeddings} positions "
              f"({scale_txt}, original {orig}); training at {seq_len}: "
-             + ", ".join(f"{k} {v}" for k, v in data.counts.items()) + f" rows ({how}"
+             + ", ".join(f"{k} {v}" for k, v in data.counts.items()) + f" rows ({split.how}"
              + (", world" if world is not None else ", no world") + f"); run dir {run_dir}")
         model = build_model(cfg, seed=recipe.seed)
         model.load_state_dict(parent.state_dict())  # same weights; only the positions changed
-        task = LMTask(data.train, data.val if len(data.val) else None, recipe.train.batch_size, recipe.seed,
-                      recipe.train.eval_batches)
-        result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe),
-                       title="extend-context", resume=resume)
-        hist = result.history
-        last = hist[-1] if hist else {}
-        val = next((r["val_loss"] for r in reversed(hist) if "val_loss" in r), None)
+        trained = st.train(model, LMTask(data.train, data.val if len(data.val) else None, recipe.train.batch_size, recipe.seed,
+                                         recipe.train.eval_batches))
+        val = trained.last("val_loss")
         train_wall = round(time.time() - t0, 1)
 
-        evals, files, pk = {}, [], []
-        if recipe.eval.suites:
-            pairs = ([("parent", parent)] if recipe.eval_parent else []) + [(f"{method}", result.model)]
-            evals, files, pk = evaluate_pair(pairs, tokenizer, model_art, data_art, recipe.eval, w.dir, orig, seq_len)
-        w.metrics = {
-            "method": method,
-            "factor": cfg.rope_scaling.factor if cfg.rope_scaling else recipe.extend.factor,
-            "original_context": orig,
-            "context": cfg.max_position_embeddings,
-            "seq_len": seq_len,
-            "steps": recipe.train.steps,
-            "train_tokens_seen": recipe.train.steps * recipe.train.batch_size * seq_len,
-            "final_loss": last.get("loss"),
-            "final_val_loss": val,
-            **{f"rows_{k}": v for k, v in data.counts.items()},
-            **{f"{'parent_' if label == 'parent' else ''}{suite}_{k}": v for label, suites in evals.items()
-               for suite, m in suites.items() for k, v in m.items()},
-            "train_wall_s": train_wall,
-            "wall_s": round(time.time() - t0, 1),
-        }
-        summary = [
-            f"- extended {model_art.id} from {parent.config.max_position_embeddings} to {cfg.max_position_embeddings} "
-            f"positions with {scale_txt} (original context {orig})"
-            + (f", beta_fast {recipe.extend.beta_fast:g}, beta_slow {recipe.extend.beta_slow:g}" if method == "yarn" else ""),
-            f"- {recipe.train.steps} steps x {recipe.train.batch_size} x {seq_len} tokens with {recipe.optim.name} "
-            f"(lr {recipe.optim.lr:g}); rows: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()) + f"; corpus: {how}",
-            f"- final validation loss {val:.4f} nats/token at length {seq_len}" if val is not None else "- no validation split",
-        ]
-        if pk:
-            from k2cli.eval.passkey import table_md
+        with st.writer() as w:
+            evals, files, pk = {}, [], []
+            if recipe.eval.suites:
+                pairs = ([("parent", parent)] if recipe.eval_parent else []) + [(f"{method}", trained.model)]
+                evals, files, pk = evaluate_pair(pairs, tokenizer, model_art, data_art, recipe.eval, w.dir, orig, seq_len)
+            w.metrics = {
+                "method": method,
+                "factor": cfg.rope_scaling.factor if cfg.rope_scaling else recipe.extend.factor,
+                "original_context": orig,
+                "context": cfg.max_position_embeddings,
+                "seq_len": seq_len,
+                "steps": recipe.train.steps,
+                "train_tokens_seen": recipe.train.steps * recipe.train.batch_size * seq_len,
+                "final_loss": trained.final.get("loss"),
+                "final_val_loss": val,
+                **{f"rows_{k}": v for k, v in data.counts.items()},
+                **{f"{'parent_' if label == 'parent' else ''}{suite}_{k}": v for label, suites in evals.items()
+                   for suite, m in suites.items() for k, v in m.items()},
+                "train_wall_s": train_wall,
+                "wall_s": round(time.time() - t0, 1),
+            }
+            summary = [
+                f"- extended {model_art.id} from {parent.config.max_position_embeddings} to {cfg.max_position_embeddings} "
+                f"positions with {scale_txt} (original context {orig})"
+                + (f", beta_fast {recipe.extend.beta_fast:g}, beta_slow {recipe.extend.beta_slow:g}" if method == "yarn" else ""),
+                f"- {recipe.train.steps} steps x {recipe.train.batch_size} x {seq_len} tokens with {recipe.optim.name} "
+                f"(lr {recipe.optim.lr:g}); rows: " + ", ".join(f"{k} {v}" for k, v in data.counts.items()) + f"; corpus: {split.how}",
+                f"- final validation loss {val:.4f} nats/token at length {seq_len}" if val is not None else "- no validation split",
+            ]
+            if pk:
+                from k2cli.eval.passkey import table_md
 
-            summary += ["", "## Passkey retrieval (accuracy by length, all depths)", "", table_md(pk, orig)]
-            summary += [f"![{p.stem}]({p.name})" for p in files]
-        write_model_outputs(w, result.model, model_art.path, run_dir, "extend-context", summary,
-                            tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None)
-        acc = w.metrics.get(f"passkey_accuracy_{cfg.max_position_embeddings}")
-        note = f", passkey at {cfg.max_position_embeddings}: {acc:.0%}" if acc is not None else ""
-        art = w.commit(summary=f"{model_art.id} extended to {cfg.max_position_embeddings} ({scale_txt}){note}")
-    info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s (training {train_wall} s){note}")
-    return art
+                summary += ["", "## Passkey retrieval (accuracy by length, all depths)", "", table_md(pk, orig)]
+                summary += [f"![{p.stem}]({p.name})" for p in files]
+            st.write_model(w, trained, model_art.path, summary)
+            acc = w.metrics.get(f"passkey_accuracy_{cfg.max_position_embeddings}")
+            note = f", passkey at {cfg.max_position_embeddings}: {acc:.0%}" if acc is not None else ""
+            art = w.commit(summary=f"{model_art.id} extended to {cfg.max_position_embeddings} ({scale_txt}){note}")
+        info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s (training {train_wall} s){note}")
+        return art
 
 
 @click.command("extend-context")
@@ -259,10 +240,8 @@ def run(recipe: ExtendRecipe, out: str | None = None, force: bool = False, resum
 @click.option("--method", type=click.Choice(METHODS), default=None, help="RoPE scaling: yarn (default), linear, ntk, or none.")
 @click.option("--reextend", is_flag=True, help="Allow extending a model that already has rope scaling.")
 @recipe_options("extend_context", ExtendRecipe)
-@out_options
-@click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
-@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def extend_context_cmd(model, factor, seq_len, method, reextend, recipe, recipe_source, out, force, resume_flag, restart):
+@run_options(resume=True)
+def extend_context_cmd(model, factor, seq_len, method, reextend, recipe, recipe_source, opts):
     """Extend MODEL's context (default: the recipe's `model`) with YaRN, then train at --seq-len.
 
     The passkey heat-map and loss by position of the parent and the extended model go into the
@@ -280,7 +259,7 @@ def extend_context_cmd(model, factor, seq_len, method, reextend, recipe, recipe_
     recipe = dataclasses.replace(recipe, extend=ext)
     if seq_len is not None:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seq_len=seq_len))
-    run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
+    run(recipe, opts)
 
 
 COMMANDS = [extend_context_cmd]

@@ -21,22 +21,21 @@ from pathlib import Path
 import rich_click as click
 
 from k2cli.artifacts import open_artifact
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
-from k2cli.data.lm_data import build_lm_data, lineage_corpus, load_documents, split_token_documents, training_texts
+from k2cli.data.lm_data import build_lm_data, load_documents, split_token_documents, training_texts
 from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
 from k2cli.data.tokenizer import load_tokenizer, train_tokenizer
 from k2cli.errors import K2Error
+from k2cli.lineage import Split, corpus_split, split_record
 from k2cli.model.config import ModelConfig, human
 from k2cli.model.io import load_model
 from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.recipes import to_dict
-from k2cli.train import distributed as dist
+from k2cli.stages.runner import RunOptions, Stage, check_fits
 from k2cli.train.lm_task import LMTask
-from k2cli.train.loop import TrainConfig, train
-from k2cli.train.outputs import run_dir_for, write_model_outputs
+from k2cli.train.loop import TrainConfig
 
 
 @dataclass
@@ -72,113 +71,97 @@ class PretrainRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def get_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
-    """Reuse tokenizer.ref, or train on the training documents (saved in the run directory so a
-    resumed run uses the very same tokenizer)."""
-    if cfg.ref:
-        art = open_artifact(cfg.ref, kind=("tokenizer", "model"))
-        return load_tokenizer(art.path), art
+def train_or_reuse_tokenizer(cfg: TokenizerConfig, texts_fn, cache: Path):
+    """The tokenizer this run trained (saved in the run directory), or a new one trained on texts_fn()."""
     if (cache / "tokenizer.json").exists():
-        return load_tokenizer(cache), None
+        return load_tokenizer(cache)
     tok = train_tokenizer(texts_fn(), cfg.vocab_size, cfg.min_frequency, cfg.split_digits)
     cache.mkdir(parents=True, exist_ok=True)
     tok.save(cache)
-    return tok, None
+    return tok
 
 
-def check_same_split(init_art, data_art, recipe: PretrainRecipe):
+def check_same_split(init_art, data_art, split: Split):
     """Continuing a model on the corpus it was pre-trained on must keep its held-out documents held out:
     the split is a function of (seed, data.val_fraction), so both must match the parent's."""
     if data_art is None:
         return
-    try:
-        ref, seed, val_fraction, _ = lineage_corpus(init_art)
-    except K2Error:
+    parent = corpus_split(init_art, required=False)
+    if parent is None:
         return  # no corpus in its lineage (e.g. an imported model): nothing to keep apart
-    if Path(ref).resolve() == Path(data_art.path).resolve() and (seed, val_fraction) != (recipe.seed, recipe.data.val_fraction):
-        raise K2Error(f"{init_art.id} was pre-trained on this corpus split by seed {seed} and val_fraction {val_fraction:g}; "
-                      f"seed={recipe.seed}, data.val_fraction={recipe.data.val_fraction:g} would train on its held-out documents",
-                      f"set seed={seed} and data.val_fraction={val_fraction:g}")
+    if parent.same_corpus(data_art.path) and (parent.seed, parent.val_fraction) != (split.seed, split.val_fraction):
+        raise K2Error(f"{init_art.id} was pre-trained on this corpus split by seed {parent.seed} and val_fraction "
+                      f"{parent.val_fraction:g}; seed={split.seed}, data.val_fraction={split.val_fraction:g} would train on "
+                      "its held-out documents", f"set seed={parent.seed} and data.val_fraction={parent.val_fraction:g}")
 
 
-def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
+def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
-    resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
-    recipe.data.validate()
-    recipe.train.validate()
-    recipe.optim.validate()
-    # 1. data
-    ds, data_art, fingerprint = load_documents(recipe.data)
-    init, init_art = load_model(recipe.init, verify=True) if recipe.init else (None, None)
-    run_dir = run_dir_for("pretrain", to_dict(recipe), [fingerprint] + ([init_art.manifest["uid"]] if init_art else []))
-    if resume == "no" and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    # 2. tokenizer (and, continuing a model, that model: its tokenizer and config win over the recipe's)
-    if init_art is not None:
-        if recipe.tokenizer.ref:
-            raise K2Error(f"both init={recipe.init} and tokenizer.ref={recipe.tokenizer.ref}",
-                          "drop tokenizer.ref: a continued model keeps its own tokenizer")
-        if not init_art.has("tokenizer.json"):
-            raise K2Error(f"model {init_art.id} has no tokenizer", "continue a model made by k2 pretrain")
-        tokenizer, tok_art = load_tokenizer(init_art.path), init_art
-        cfg = init.config
-        check_same_split(init_art, data_art, recipe)
-    else:
-        tokenizer, tok_art = get_tokenizer(
-            recipe.tokenizer, lambda: training_texts(ds, recipe.data.val_fraction, recipe.seed), run_dir / "tokenizer"
-        )
-        # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
-        cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
-                                  pad_token_id=tokenizer.eot_id).validate()
-    if recipe.train.seq_len > cfg.max_position_embeddings:
-        raise K2Error(
-            f"train.seq_len={recipe.train.seq_len} is above the model's {cfg.max_position_embeddings} positions",
-            "lower train.seq_len or raise model.max_position_embeddings",
-        )
-    data = build_lm_data(ds, data_art, fingerprint, tokenizer, recipe.train.seq_len, recipe.data.val_fraction, recipe.seed)
-    if recipe.train.batch_size > len(data.train):
-        raise K2Error(
-            f"train.batch_size={recipe.train.batch_size} sequences but the corpus packs into only {len(data.train)} rows "
-            f"of {recipe.train.seq_len} tokens",
-            "lower train.batch_size or train.seq_len, or add text",
-        )
-    # 4. the training rows: the packed corpus, or the recipe's mix of corpus and retrieval-style rows
-    train_rows, mix_txt, counts = data.train, "", {}
-    if not recipe.data.corpus_only():
-        train_docs = split_token_documents(ds, fingerprint, tokenizer, recipe.data.val_fraction, recipe.seed)[0]
-        n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
-        mixed = build_long_context_data(data, train_docs, tokenizer, find_world(recipe.data, data_art),
-                                        recipe.train.seq_len, recipe.data, n_rows, recipe.seed)
-        train_rows, counts = mixed.train, mixed.counts
-        mix_txt = "; mix: " + ", ".join(f"{k} {v}" for k, v in mixed.counts.items() if v) + " rows"
-    inputs = [a for a in (data_art, tok_art) if a is not None]  # with --init, tok_art is the continued model
-    with dist.artifact_writer(stage="pretrain", kind="model", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
+    with Stage("pretrain", "model", recipe, opts) as st:
+        # 1. data, and the documents held out of it (recorded in the manifest for later stages and evals)
+        ds, data_art, fingerprint = load_documents(recipe.data)
+        split = Split(str(data_art.path.resolve()) if data_art is not None else recipe.data.input, recipe.data.val_fraction,
+                      recipe.seed, "this run's split")
+        init, init_art = load_model(recipe.init, verify=True) if recipe.init else (None, None)
+        if init_art is not None:
+            if recipe.tokenizer.ref:
+                raise K2Error(f"both init={recipe.init} and tokenizer.ref={recipe.tokenizer.ref}",
+                              "drop tokenizer.ref: a continued model keeps its own tokenizer")
+            if not init_art.has("tokenizer.json"):
+                raise K2Error(f"model {init_art.id} has no tokenizer", "continue a model made by k2 pretrain")
+            check_same_split(init_art, data_art, split)
+        tok_art = init_art or (open_artifact(recipe.tokenizer.ref, kind=("tokenizer", "model")) if recipe.tokenizer.ref else None)
+        if done := st.up_to_date([data_art, tok_art]):  # with --init, tok_art is the continued model
+            return done
+        run_dir = st.run_dir([fingerprint] + ([init_art.manifest["uid"]] if init_art else []))
+        # 2. tokenizer (and, continuing a model, that model: its tokenizer and config win over the recipe's)
+        if tok_art is not None:
+            tokenizer = load_tokenizer(tok_art.path)
+        else:  # trained on the training documents, kept in the run directory so a resumed run uses the very same
+            tokenizer = train_or_reuse_tokenizer(recipe.tokenizer, lambda: training_texts(ds, split), run_dir / "tokenizer")
+        if init is not None:
+            cfg = init.config
+        else:  # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
+            cfg = dataclasses.replace(recipe.model, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eot_id,
+                                      pad_token_id=tokenizer.eot_id).validate()
+        check_fits(recipe.train.seq_len, cfg)
+        data = build_lm_data(ds, data_art, fingerprint, tokenizer, recipe.train.seq_len, split, recipe.seed)
+        if recipe.train.batch_size > len(data.train):
+            raise K2Error(
+                f"train.batch_size={recipe.train.batch_size} sequences but the corpus packs into only {len(data.train)} rows "
+                f"of {recipe.train.seq_len} tokens",
+                "lower train.batch_size or train.seq_len, or add text",
+            )
+        # 4. the training rows: the packed corpus, or the recipe's mix of corpus and retrieval-style rows
+        train_rows, mix_txt, counts = data.train, "", {}
+        if not recipe.data.corpus_only():
+            train_docs = split_token_documents(ds, fingerprint, tokenizer, split)[0]
+            n_rows = recipe.data.rows or recipe.train.steps * recipe.train.batch_size
+            mixed = build_long_context_data(data, train_docs, tokenizer, find_world(recipe.data, data_art),
+                                            recipe.train.seq_len, recipe.data, n_rows, recipe.seed)
+            train_rows, counts = mixed.train, mixed.counts
+            mix_txt = "; mix: " + ", ".join(f"{k} {v}" for k, v in mixed.counts.items() if v) + " rows"
         info(f"pretrain: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens, "
              f"{len(data.train)} rows x {recipe.train.seq_len}{mix_txt}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
+        # 5. train
         model = build_model(cfg, seed=recipe.seed)
         if init is not None:
             model.load_state_dict(init.state_dict())
-        task = LMTask(train_rows, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches)
-        result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe),
-                       title="pretrain", resume=resume)
-        history = result.history
-        last = history[-1] if history else {}
-        val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
-        w.metrics = {
+        trained = st.train(model, LMTask(train_rows, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches))
+        # 6. the artifact
+        val, last = trained.last("val_loss"), trained.final
+        metrics = {
             "steps": recipe.train.steps,
             "train_tokens_seen": recipe.train.steps * recipe.train.batch_size * recipe.train.seq_len,
             "final_loss": last.get("loss"),
             "final_val_loss": val,
             "unigram_entropy": data.unigram_entropy,
             "max_logit_final": last.get("max_logit"),
-            "heads_clipped_total": sum(r.get("heads_clipped_total", 0) for r in history),
+            "heads_clipped_total": trained.total("heads_clipped_total"),
             "params_total": cfg.param_counts()["total"],
             "params_active": cfg.param_counts()["active"],
             "vocab_size": tokenizer.vocab_size,
             **{f"rows_{k}": v for k, v in counts.items()},
-            "wall_s": round(time.time() - t0, 1),
         }
         summary = [
             f"- model: {cfg.name}, {human(cfg.param_counts()['total'])} parameters ({human(cfg.param_counts()['active'])} active)"
@@ -190,27 +173,25 @@ def run(recipe: PretrainRecipe, out: str | None = None, force: bool = False, res
             f"- final validation loss **{val:.4f}** nats/token vs unigram entropy {data.unigram_entropy:.4f}"
             if val is not None else "- no validation split",
             f"- max attention logit at the end: {last.get('max_logit', float('nan')):.2f}; "
-            f"heads clipped over the run: {w.metrics['heads_clipped_total']}",
+            f"heads clipped over the run: {metrics['heads_clipped_total']}",
         ]
-        tok_dir = tok_art.path if tok_art else run_dir / "tokenizer"
-        write_model_outputs(w, result.model, tok_dir, run_dir, "pretrain", summary,
-                            tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None,
-                            reference={"unigram entropy": data.unigram_entropy})
-        art = w.commit(summary=f"pretrained {cfg.name}: val loss {val:.3f} (unigram {data.unigram_entropy:.3f})"
-                       if val is not None else f"pretrained {cfg.name}")
-    info(f"[green]wrote[/] {art.path} ({art.id}): val loss {val if val is None else round(val, 4)}, "
-         f"unigram entropy {data.unigram_entropy:.4f}, {w.metrics['wall_s']} s")
-    return art
+        with st.writer(data_split=split_record(split.corpus, data.n_docs, split.val_fraction, split.seed)) as w:
+            w.metrics = metrics | {"wall_s": round(time.time() - t0, 1)}
+            st.write_model(w, trained, tok_art.path if tok_art else run_dir / "tokenizer", summary,
+                           reference={"unigram entropy": data.unigram_entropy})
+            art = w.commit(summary=f"pretrained {cfg.name}: val loss {val:.3f} (unigram {data.unigram_entropy:.3f})"
+                           if val is not None else f"pretrained {cfg.name}")
+        info(f"[green]wrote[/] {art.path} ({art.id}): val loss {val if val is None else round(val, 4)}, "
+             f"unigram entropy {data.unigram_entropy:.4f}, {w.metrics['wall_s']} s")
+        return art
 
 
 @click.command("pretrain")
 @click.argument("corpus", required=False)
 @recipe_options("pretrain", PretrainRecipe)
-@out_options
+@run_options(resume=True)
 @click.option("--init", "init", default=None, help="Continue this model artifact's weights (recipe key `init`).")
-@click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
-@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def pretrain_cmd(corpus, recipe, recipe_source, out, force, init, resume_flag, restart):
+def pretrain_cmd(corpus, recipe, recipe_source, init, opts):
     """Pre-train a model with MuonClip on a corpus (default: the recipe's data.input).
 
     The same command on the same inputs continues from its last checkpoint; Ctrl-C saves
@@ -220,7 +201,7 @@ def pretrain_cmd(corpus, recipe, recipe_source, out, force, init, resume_flag, r
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, input=corpus))
     if init:
         recipe = dataclasses.replace(recipe, init=init)
-    run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
+    run(recipe, opts)
 
 
 COMMANDS = [pretrain_cmd]

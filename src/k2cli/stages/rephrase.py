@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, artifacts_root
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.loading import corpus_fingerprint, load_corpus
 from k2cli.data.rephrase.backends import OPERATIONAL_FIELDS, BackendConfig, make_backend
@@ -34,6 +33,7 @@ from k2cli.data.rephrase.pipeline import RUN_FORMAT, FidelityConfig, RewriteConf
 from k2cli.data.synth import estimate_tokens, save_dataset
 from k2cli.data.world import WORLD_FILE, load_world
 from k2cli.errors import K2Error
+from k2cli.stages.runner import RunOptions, Stage
 from k2cli.recipes import to_dict
 
 
@@ -44,12 +44,6 @@ class RephraseRecipe:
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-
-    def validate(self) -> "RephraseRecipe":
-        self.rewrite.validate()
-        self.fidelity.validate()
-        self.backend.validate()
-        return self
 
 
 PROVENANCE = ("source_doc_id", "rewrite", "style", "chunk_ids", "fidelity", "facts_checked", "similarity", "attempts")
@@ -128,59 +122,58 @@ def _summary(recipe, m: dict, styles: Counter, example: tuple[str, str] | None) 
     return "\n".join(lines) + "\n"
 
 
-def run(recipe: RephraseRecipe, input_ref: str | None = None, out: str | None = None, force: bool = False,
-        restart: bool = False, backend=None):
-    """Rephrase a corpus; returns the dataset Artifact. `backend` overrides recipe.backend (tests)."""
+def run(recipe: RephraseRecipe, input_ref: str | None = None, opts: RunOptions = RunOptions(), backend=None):
+    """Rephrase a corpus; returns the dataset Artifact. `backend` overrides recipe.backend (tests).
+    opts.resume "no" (--restart) discards the finished shards of this run."""
     t0 = time.time()
     if input_ref:
         recipe = dataclasses.replace(recipe, input=input_ref)
-    recipe.validate()
-    ds, art = load_corpus(recipe.input)  # clear errors: missing, empty, not UTF-8, no text field
-    docs = _input_documents(ds)
-    lexicon = load_world(art.file(WORLD_FILE)).lexicon() if art is not None and art.has(WORLD_FILE) else None
-    backend = backend or make_backend(recipe.backend)
-    run_dir = artifacts_root() / "rephrase" / "runs" / run_id(corpus_fingerprint(recipe.input), recipe, backend.identity)
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    extract = FactExtractor(lexicon)
-    info(f"rephrase: {len(docs)} documents x {recipe.rewrite.rewrites} rewrites with {backend.identity}; run dir {run_dir}")
-    records, resumed = rephrase_documents(docs, recipe.rewrite, recipe.fidelity, backend, extract, recipe.seed, run_dir)
-    rows = output_rows(docs, records, recipe.rewrite.keep_original)
-    if not rows:
-        raise K2Error(f"no rewrite of the {len(docs)} documents passed fidelity verification, and originals are dropped",
-                      "see the rejection counts above; use a stronger backend, raise fidelity.retries, or --keep-original")
-    inputs = [a for a in (art, getattr(backend, "artifact", None)) if a is not None]
-    with ArtifactWriter(stage="rephrase", kind="dataset", out=out, recipe=to_dict(recipe), inputs=inputs, force=force) as w:
-        if art is not None:  # everything but the corpus passes through unchanged
-            for part in sorted(art.path.iterdir()):
-                if part.name in ("manifest.json", "corpus", "summary.md"):
-                    continue
-                (shutil.copytree if part.is_dir() else shutil.copy2)(part, w.dir / part.name)
-        save_dataset(rows, w.dir / "corpus", features=_features(ds.features))
-        w.metrics = {
-            "documents": len(docs),
-            "rewrites_per_document": recipe.rewrite.rewrites,
-            **tally(records),
-            "originals_kept": len(docs) if recipe.rewrite.keep_original else 0,
-            "corpus_documents": len(rows),
-            "tokens_estimate": estimate_tokens(r["text"] for r in rows),
-            "backend": recipe.backend.name,
-            "shards": -(-len(docs) // recipe.rewrite.shard_size),
-            "shards_resumed": resumed,
-            "wall_s": round(time.time() - t0, 2),
-        }
-        m = w.metrics
-        kept = [r for r in records if r["kept"]]
-        example = None
-        if kept:
-            original = next(d["text"] for d in docs if d["doc_id"] == kept[0]["doc_id"])
-            example = (original, kept[0]["text"])
-        (w.dir / "summary.md").write_text(_summary(recipe, m, Counter(r["style"] for r in kept), example))
-        result = w.commit(summary=f"{m['rewrites_kept']} rewrites kept, {m['rewrites_rejected']} rejected; "
-                                  f"{m['corpus_documents']} documents")
-    info(f"[green]wrote[/] {result.path} ({result.id}): {m['corpus_documents']} documents; rewrites kept "
-         f"{m['rewrites_kept']}, rejected {m['rewrites_rejected']}; {m['wall_s']} s")
-    return result
+    with Stage("rephrase", "dataset", recipe, opts) as st:
+        ds, art = load_corpus(recipe.input)  # clear errors: missing, empty, not UTF-8, no text field
+        docs = _input_documents(ds)
+        lexicon = load_world(art.file(WORLD_FILE)).lexicon() if art is not None and art.has(WORLD_FILE) else None
+        backend = backend or make_backend(recipe.backend)
+        if done := st.up_to_date([art, getattr(backend, "artifact", None)]):
+            return done
+        run_dir = st.run_dir([], name=run_id(corpus_fingerprint(recipe.input), recipe, backend.identity))
+        extract = FactExtractor(lexicon)
+        info(f"rephrase: {len(docs)} documents x {recipe.rewrite.rewrites} rewrites with {backend.identity}; run dir {run_dir}")
+        records, resumed = rephrase_documents(docs, recipe.rewrite, recipe.fidelity, backend, extract, recipe.seed, run_dir)
+        rows = output_rows(docs, records, recipe.rewrite.keep_original)
+        if not rows:
+            raise K2Error(f"no rewrite of the {len(docs)} documents passed fidelity verification, and originals are dropped",
+                          "see the rejection counts above; use a stronger backend, raise fidelity.retries, or --keep-original")
+        with st.writer() as w:
+            if art is not None:  # everything but the corpus passes through unchanged
+                for part in sorted(art.path.iterdir()):
+                    if part.name in ("manifest.json", "corpus", "summary.md"):
+                        continue
+                    (shutil.copytree if part.is_dir() else shutil.copy2)(part, w.dir / part.name)
+            save_dataset(rows, w.dir / "corpus", features=_features(ds.features))
+            w.metrics = {
+                "documents": len(docs),
+                "rewrites_per_document": recipe.rewrite.rewrites,
+                **tally(records),
+                "originals_kept": len(docs) if recipe.rewrite.keep_original else 0,
+                "corpus_documents": len(rows),
+                "tokens_estimate": estimate_tokens(r["text"] for r in rows),
+                "backend": recipe.backend.name,
+                "shards": -(-len(docs) // recipe.rewrite.shard_size),
+                "shards_resumed": resumed,
+                "wall_s": round(time.time() - t0, 2),
+            }
+            m = w.metrics
+            kept = [r for r in records if r["kept"]]
+            example = None
+            if kept:
+                original = next(d["text"] for d in docs if d["doc_id"] == kept[0]["doc_id"])
+                example = (original, kept[0]["text"])
+            (w.dir / "summary.md").write_text(_summary(recipe, m, Counter(r["style"] for r in kept), example))
+            result = w.commit(summary=f"{m['rewrites_kept']} rewrites kept, {m['rewrites_rejected']} rejected; "
+                                      f"{m['corpus_documents']} documents")
+        info(f"[green]wrote[/] {result.path} ({result.id}): {m['corpus_documents']} documents; rewrites kept "
+             f"{m['rewrites_kept']}, rejected {m['rewrites_rejected']}; {m['wall_s']} s")
+        return result
 
 
 @click.command("rephrase")
@@ -194,10 +187,9 @@ def run(recipe: RephraseRecipe, input_ref: str | None = None, out: str | None = 
 @click.option("--model", default=None, help="openai: the model name the endpoint serves.")
 @click.option("--api-key-env", default=None, metavar="VAR", help="openai: the environment variable with the API key.")
 @click.option("--concurrency", type=int, default=None, help="Requests in flight (openai) or generation batch rows (k2).")
-@click.option("--restart", is_flag=True, help="Discard this run's finished shards and start over.")
-@out_options
+@run_options(restart="Discard this run's finished shards and start over.")
 def rephrase_cmd(input_ref, recipe, recipe_source, rewrites, keep_original, backend_name, base_url, model, api_key_env,
-                 concurrency, restart, out, force):
+                 concurrency, opts):
     """Rewrite every document of INPUT (a dataset artifact, or .txt/.jsonl files; default: the
     recipe's `input`, synth:latest) N times in diverse styles, verifying each rewritten chunk
     against its source (Kimi K2 section 2.2).
@@ -209,7 +201,7 @@ def rephrase_cmd(input_ref, recipe, recipe_source, rewrites, keep_original, back
                             "concurrency": concurrency}.items() if v is not None}
     recipe = dataclasses.replace(recipe, rewrite=dataclasses.replace(recipe.rewrite, **rw),
                                  backend=dataclasses.replace(recipe.backend, **be))
-    run(recipe, input_ref=input_ref, out=out, force=force, restart=restart)
+    run(recipe, input_ref=input_ref, opts=opts)
 
 
 COMMANDS = [rephrase_cmd]

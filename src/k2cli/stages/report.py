@@ -14,8 +14,10 @@ from pathlib import Path
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter, lineage, open_artifact
+from k2cli.artifacts import lineage, open_artifact
+from k2cli.commands.common import run_options
 from k2cli.console import info
+from k2cli.stages.runner import RunOptions, Stage
 
 PIPELINE_ORDER = ["import", "model", "synth", "rephrase", "tokenizer", "pretrain", "extend-context", "agentic", "sft", "rl", "eval"]
 RECIPE_HIGHLIGHTS = {
@@ -76,13 +78,20 @@ def stage_section(art, images: Path) -> list[str]:
     return lines + [""]
 
 
-def build_report(ref: str, out: str | None = None, force: bool = False):
-    top = open_artifact(ref)
+def build_report(ref: str, opts: RunOptions = RunOptions()):
+    with Stage("report", "report", {"ref": ref}, opts) as st:
+        top = open_artifact(ref)
+        if done := st.up_to_date([top]):
+            return done
+        return _write_report(st, top)
+
+
+def _write_report(st: Stage, top):
     nodes, missing = [], []
     for _, node in lineage(top):
         (missing if isinstance(node, dict) else nodes).append(node)
     nodes = sorted({n.path.resolve(): n for n in nodes}.values(), key=_order)
-    with ArtifactWriter(stage="report", kind="report", out=out, recipe={"ref": ref}, inputs=[top], force=force) as w:
+    with st.writer() as w:
         images = w.dir / "images"
         images.mkdir()
         md = ["# k2 pipeline report", "",
@@ -104,11 +113,10 @@ def build_report(ref: str, out: str | None = None, force: bool = False):
 
 @click.command("report")
 @click.argument("ref")
-@click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def report_cmd(ref, out, force):
+@run_options()
+def report_cmd(ref, opts):
     """Assemble the pipeline report of REF (an eval or model artifact) from its lineage."""
-    build_report(ref, out, force)
+    build_report(ref, opts)
 
 
 COMMANDS = [report_cmd]

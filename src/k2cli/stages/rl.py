@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 import rich_click as click
 
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
 from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.recipes import to_dict
+from k2cli.recipes import validate
 from k2cli.rl.batch import PTXConfig, ptx_rows
 from k2cli.rl.critic import Critic, CriticConfig, Pair
 from k2cli.rl.env import EnvConfig, build_pools, load_world_data
@@ -35,9 +35,9 @@ from k2cli.rl.evaluate import SelectConfig, heldout_pairs, heldout_rewards, sele
 from k2cli.rl.objective import TemperatureConfig
 from k2cli.rl.plots import plot_rewards, plot_rollout_stats
 from k2cli.rl.task import RLConfig, RLTask
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train import distributed as dist
-from k2cli.train.loop import TrainConfig, pick_device, train
-from k2cli.train.outputs import run_dir_for, write_model_outputs
+from k2cli.train.loop import TrainConfig, pick_device
 
 
 @dataclass
@@ -55,27 +55,21 @@ class RLRecipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40, batch_size=64, seq_len=512, eval_every=10,
                                                                    checkpoint_every=10))
 
-
-def validate(recipe: RLRecipe) -> None:
-    for section in (recipe.envs, recipe.temperature, recipe.select, recipe.critic, recipe.ptx, recipe.optim, recipe.schedule):
-        section.validate()
-    recipe.train.validate()
-    recipe.rl.validate()
-    if recipe.train.batch_size % recipe.rl.samples_per_prompt:
-        raise K2Error(f"train.batch_size={recipe.train.batch_size} rollouts do not split into prompts of "
-                      f"rl.samples_per_prompt={recipe.rl.samples_per_prompt}",
-                      "make train.batch_size (rollouts per step) a multiple of rl.samples_per_prompt")
-    if dist.launched_world_size() > 1:
-        raise K2Error("k2 rl runs in one process (its rollouts and critic are not distributed)", "run it without torchrun")
+    def validate(self) -> None:
+        """Across sections (each section checks its own values: recipes.validate)."""
+        if self.train.batch_size % self.rl.samples_per_prompt:
+            raise K2Error(f"train.batch_size={self.train.batch_size} rollouts do not split into prompts of "
+                          f"rl.samples_per_prompt={self.rl.samples_per_prompt}",
+                          "make train.batch_size (rollouts per step) a multiple of rl.samples_per_prompt")
+        if dist.launched_world_size() > 1:
+            raise K2Error("k2 rl runs in one process (its rollouts and critic are not distributed)", "run it without torchrun")
 
 
-def load_policy(ref: str):
-    model, art = load_model(ref, verify=True)
-    if not art.has("tokenizer.json"):
-        raise K2Error(f"model {art.id} has no tokenizer", "use a chat model made by k2 sft")
+def load_policy(ref: str, seq_len: int):
+    model, art, tokenizer = load_parent(ref, "use a chat model made by k2 sft", seq_len)
     if art.stage not in ("sft", "rl") and not art.metrics.get("chat"):
         raise K2Error(f"model {art.id} is a {art.stage} model, not a chat model", "fine-tune it with 'k2 sft' first")
-    return model, art, load_tokenizer(art.path)
+    return model, art, tokenizer
 
 
 def prepare(model, tokenizer, pools, critic: Critic, recipe: RLRecipe, context: int, run_dir) -> dict:
@@ -144,11 +138,8 @@ class Setup:
 
 def load_inputs(recipe: RLRecipe) -> Setup:
     """The cheap part: the policy, the critic, the datasets (what the output's fingerprint depends on)."""
-    validate(recipe)
-    model, model_art, tokenizer = load_policy(recipe.model)
-    if recipe.train.seq_len > model.config.max_position_embeddings:
-        raise K2Error(f"train.seq_len={recipe.train.seq_len} is above the model's {model.config.max_position_embeddings} positions",
-                      "lower train.seq_len")
+    validate(recipe)  # the recipes' one walk (tests build a Setup without a Stage)
+    model, model_art, tokenizer = load_policy(recipe.model, recipe.train.seq_len)
     inputs = [model_art]
     critic_model, critic_tok = model, tokenizer
     if recipe.critic.model:
@@ -169,27 +160,35 @@ def load_inputs(recipe: RLRecipe) -> Setup:
     return Setup(model, model_art, tokenizer, critic, data, inputs)
 
 
-def build(recipe: RLRecipe, s: Setup, resume: str = "auto") -> Setup:
-    """The rest: environment pools, the starting model's selection and held-out numbers, the task."""
+def run_key(s: Setup) -> list[str]:
+    """What the run directory is keyed by, besides the recipe: the exact inputs."""
+    return [a.manifest["uid"] for a in s.inputs]
+
+
+def build(recipe: RLRecipe, s: Setup, run_dir) -> Setup:
+    """The rest: environment pools, the starting model's selection and held-out numbers (cached in
+    `run_dir`), the task."""
     context = recipe.train.seq_len
     names = [n for n, w in recipe.envs.mix.items() if w > 0]
     s.pools = build_pools(s.data, recipe.envs, names, s.tokenizer, context)
-    s.run_dir = run_dir_for("rl", to_dict(recipe), [a.manifest["uid"] for a in s.inputs])
-    if resume == "no" and s.run_dir.exists():
-        shutil.rmtree(s.run_dir)
+    s.run_dir = run_dir
     s.run_dir.mkdir(parents=True, exist_ok=True)
     s.prep = prepare(s.model, s.tokenizer, s.pools, s.critic, recipe, context, s.run_dir)
     for name, pool in s.pools.items():
         info(f"rl: {name}: {len(pool.train)} train / {len(pool.test)} held-out problems ({pool.dropped_long} too long), "
              f"{len(s.prep['selected'].get(name, []))} selected, budget {pool.budget} tokens")
     ptx = ptx_rows(recipe.ptx, s.tokenizer, s.data, context)
-    s.task = RLTask(s.model, s.tokenizer, s.pools, s.prep["selected"], recipe, s.critic, ptx, s.prep["pairs"], s.run_dir,
-                    s.prep["first_pairs"])
+    s.task = RLTask(s.model, s.tokenizer, s.pools, s.prep["selected"], s.critic, ptx, s.prep["pairs"], s.run_dir,
+                    s.prep["first_pairs"], mix=recipe.envs.mix, rl=recipe.rl, temperature=recipe.temperature,
+                    ptx_cfg=recipe.ptx, critic_cfg=recipe.critic, train=recipe.train, seed=recipe.seed)
     return s
 
 
 def setup(recipe: RLRecipe, resume: str = "auto") -> Setup:
-    return build(recipe, load_inputs(recipe), resume)
+    """Everything `run` trains with, without training (tests build a task from it)."""
+    with Stage("rl", "model", recipe, RunOptions(resume=resume)) as st:
+        s = load_inputs(recipe)
+        return build(recipe, s, st.run_dir(run_key(s)))
 
 
 def results(recipe: RLRecipe, s: Setup, hist: list[dict]) -> tuple[dict, list[str], str]:
@@ -214,59 +213,51 @@ def results(recipe: RLRecipe, s: Setup, hist: list[dict]) -> tuple[dict, list[st
     return metrics, rows, gains
 
 
-def run(recipe: RLRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
+def run(recipe: RLRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
-    resume = dist.begin_stage(resume)
-    s = load_inputs(recipe)
-    with dist.artifact_writer(stage="rl", kind="model", out=out, recipe=to_dict(recipe), inputs=s.inputs, force=force) as w:
-        s = build(recipe, s, resume)  # after the writer: `k2 --reuse` stops before any sampling
+    with Stage("rl", "model", recipe, opts) as st:
+        s = load_inputs(recipe)
+        if done := st.up_to_date(s.inputs):  # k2 --reuse stops before any sampling
+            return done
+        s = build(recipe, s, st.run_dir(run_key(s)))
         task, names = s.task, list(s.pools)
         info(f"rl: {task.P} prompts x {task.K} samples per step, loss {recipe.rl.loss} (tau {recipe.rl.tau:g}), "
              f"envs {', '.join(task.names)}; run dir {s.run_dir}")
-        result = train(s.model, task, recipe.optim, recipe.schedule, recipe.train, s.run_dir, to_dict(recipe), title="rl",
-                       resume=resume)
-        hist = _history(s.run_dir)
-        w.metrics, rows, gains = results(recipe, s, hist)
-        w.metrics["wall_s"] = round(time.time() - t0, 1)
-        plots = [p for p in (plot_rewards(hist, s.prep["start"], w.dir / "rewards.png", names),
-                             plot_rollout_stats(hist, w.dir / "rollouts.png")) if p is not None]
-        summary = [f"- RL of {s.model_art.id} for {recipe.train.steps} steps: {task.P} prompts x {task.K} samples, "
-                   f"{recipe.rl.updates_per_rollout} update(s) per batch of rollouts, loss {recipe.rl.loss} (tau {recipe.rl.tau:g}), "
-                   f"{recipe.optim.name} lr {recipe.optim.lr:g}; PTX beta {recipe.ptx.beta:g}; "
-                   f"critic: {recipe.critic.model or 'the policy itself'}",
-                   f"- environments (mix): {', '.join(f'{n} {recipe.envs.mix[n]:g}' for n in names)}; training prompts "
-                   + (f"kept by pass@{recipe.select.k} selection: " if recipe.select.k else "(no selection): ")
-                   + ", ".join(f"{n} {len(s.prep['selected'].get(n, []))}" for n in names),
-                   f"- samples dropped (reward function failed): {w.metrics['dropped_samples']}; wall time {w.metrics['wall_s']} s",
-                   "", "| held-out (greedy) | start | end |", "|---|---:|---:|", *rows, "",
-                   *[f"![{p.stem}]({p.name})" for p in plots], "", "Rollout samples: rollouts.jsonl (a few per step)."]
-        write_model_outputs(w, result.model, s.model_art.path, s.run_dir, "rl", summary,
-                            tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None)
-        for name in ("rollouts.jsonl", "prepare.json"):
-            if (s.run_dir / name).exists():
-                shutil.copy2(s.run_dir / name, w.dir / name)
-        art = w.commit(summary=f"RL of {s.model_art.id}: held-out {gains}")
-    info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s; held-out {gains}")
-    return art
-
-
-def _history(run_dir) -> list[dict]:
-    from k2cli.train.progress import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
+        trained = st.train(s.model, task)
+        hist = trained.history
+        with st.writer() as w:
+            w.metrics, rows, gains = results(recipe, s, hist)
+            w.metrics["wall_s"] = round(time.time() - t0, 1)
+            plots = [p for p in (plot_rewards(hist, s.prep["start"], w.dir / "rewards.png", names),
+                                 plot_rollout_stats(hist, w.dir / "rollouts.png")) if p is not None]
+            summary = [f"- RL of {s.model_art.id} for {recipe.train.steps} steps: {task.P} prompts x {task.K} samples, "
+                       f"{recipe.rl.updates_per_rollout} update(s) per batch of rollouts, loss {recipe.rl.loss} (tau {recipe.rl.tau:g}), "
+                       f"{recipe.optim.name} lr {recipe.optim.lr:g}; PTX beta {recipe.ptx.beta:g}; "
+                       f"critic: {recipe.critic.model or 'the policy itself'}",
+                       f"- environments (mix): {', '.join(f'{n} {recipe.envs.mix[n]:g}' for n in names)}; training prompts "
+                       + (f"kept by pass@{recipe.select.k} selection: " if recipe.select.k else "(no selection): ")
+                       + ", ".join(f"{n} {len(s.prep['selected'].get(n, []))}" for n in names),
+                       f"- samples dropped (reward function failed): {w.metrics['dropped_samples']}; wall time {w.metrics['wall_s']} s",
+                       "", "| held-out (greedy) | start | end |", "|---|---:|---:|", *rows, "",
+                       *[f"![{p.stem}]({p.name})" for p in plots], "", "Rollout samples: rollouts.jsonl (a few per step)."]
+            st.write_model(w, trained, s.model_art.path, summary)
+            for name in ("rollouts.jsonl", "prepare.json"):
+                if (s.run_dir / name).exists():
+                    shutil.copy2(s.run_dir / name, w.dir / name)
+            art = w.commit(summary=f"RL of {s.model_art.id}: held-out {gains}")
+        info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s; held-out {gains}")
+        return art
 
 
 @click.command("rl")
 @click.argument("model", required=False)
 @recipe_options("rl", RLRecipe)
-@out_options
-@click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
-@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def rl_cmd(model, recipe, recipe_source, out, force, resume_flag, restart):
+@run_options(resume=True)
+def rl_cmd(model, recipe, recipe_source, opts):
     """Improve the chat MODEL (default: the recipe's `model`) by RL on the world's environments."""
     if model:
         recipe = dataclasses.replace(recipe, model=model)
-    run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
+    run(recipe, opts)
 
 
 COMMANDS = [rl_cmd]

@@ -15,21 +15,18 @@ from dataclasses import dataclass, field
 
 import rich_click as click
 
-from k2cli.artifacts import lineage, open_artifact
-from k2cli.commands.common import out_options, recipe_options
+from k2cli import lineage
+from k2cli.artifacts import open_artifact
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.lm_data import training_documents
 from k2cli.data.sft_data import SFTDataConfig, build_sft_data, load_conversations
-from k2cli.data.tokenizer import load_tokenizer
 from k2cli.errors import K2Error
-from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
-from k2cli.recipes import to_dict
-from k2cli.train import distributed as dist
+from k2cli.stages.runner import RunOptions, Stage, load_parent
 from k2cli.train.lm_task import LMTask
-from k2cli.train.loop import TrainConfig, train
-from k2cli.train.outputs import run_dir_for, write_model_outputs
+from k2cli.train.loop import TrainConfig
 
 
 @dataclass
@@ -40,16 +37,6 @@ class SFTRecipe:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10, decay_fraction=0.5))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=16, seq_len=256))
-
-
-def knowledge_artifact(model_art, ref: str):
-    """--set data.knowledge=REF, else the nearest dataset in the model's lineage with QA or math."""
-    if ref:
-        return open_artifact(ref, kind="dataset")
-    for _, node in lineage(model_art):
-        if not isinstance(node, dict) and node.kind == "dataset" and (node.has("qa_train") or node.has("math")):
-            return node
-    return None
 
 
 def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]:
@@ -70,7 +57,7 @@ def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]
         convs["agentic"] = load_conversations("agentic", art)
         inputs.append(art)
     if cfg.mix.get("qa", 0) > 0 or cfg.mix.get("math", 0) > 0:
-        art = knowledge_artifact(model_art, cfg.knowledge)
+        art = lineage.dataset(model_art, any_of=("qa_train", "math"), ref=cfg.knowledge, key="data.knowledge")
         if art is None:
             raise K2Error(f"no QA/math data found in the lineage of {model_art.id}", "set data.knowledge to a 'k2 data synth' artifact, or set data.mix.qa=0 and data.mix.math=0")
         for source in ("qa", "math"):
@@ -82,63 +69,48 @@ def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list]
     return convs, inputs
 
 
-def run(recipe: SFTRecipe, out: str | None = None, force: bool = False, resume: str = "auto"):
+def run(recipe: SFTRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
-    resume = dist.begin_stage(resume)  # torchrun: rank 0 prepares data and caches first, then the other ranks
-    recipe.data.validate()
-    recipe.train.validate()
-    model, model_art = load_model(recipe.model, verify=True)
-    if not model_art.has("tokenizer.json"):
-        raise K2Error(f"model {model_art.id} has no tokenizer", "fine-tune a model made by k2 pretrain")
-    tokenizer = load_tokenizer(model_art.path)
-    if recipe.train.seq_len > model.config.max_position_embeddings:
-        raise K2Error(f"train.seq_len={recipe.train.seq_len} is above the model's {model.config.max_position_embeddings} positions",
-                      "lower train.seq_len")
-    convs, inputs = gather_sources(recipe, model_art, tokenizer)
-    data = build_sft_data(tokenizer, convs, recipe.data, recipe.train.seq_len, recipe.seed)
-    run_dir = run_dir_for("sft", to_dict(recipe), [model_art.manifest["uid"]] + [a.manifest["uid"] for a in inputs])
-    if resume == "no" and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    if recipe.train.batch_size > len(data.train):
-        raise K2Error(f"train.batch_size={recipe.train.batch_size} but the SFT data packs into {len(data.train)} rows",
-                      "lower train.batch_size or add data")
-    with dist.artifact_writer(stage="sft", kind="model", out=out, recipe=to_dict(recipe), inputs=[model_art] + inputs, force=force) as w:
+    with Stage("sft", "model", recipe, opts) as st:
+        model, model_art, tokenizer = load_parent(recipe.model, "fine-tune a model made by k2 pretrain", recipe.train.seq_len)
+        convs, inputs = gather_sources(recipe, model_art, tokenizer)
+        if done := st.up_to_date([model_art] + inputs):
+            return done
+        data = build_sft_data(tokenizer, convs, recipe.data, recipe.train.seq_len, recipe.seed)
+        run_dir = st.run_dir([model_art.manifest["uid"]] + [a.manifest["uid"] for a in inputs])
+        if recipe.train.batch_size > len(data.train):
+            raise K2Error(f"train.batch_size={recipe.train.batch_size} but the SFT data packs into {len(data.train)} rows",
+                          "lower train.batch_size or add data")
         summary_counts = ", ".join(f"{k}: {v['used']} used ({v['dropped_overlong']} dropped, {v['truncated']} truncated)"
                                    for k, v in data.counts.items())
         info(f"sft: {summary_counts}; {len(data.train)} rows x {recipe.train.seq_len}; run dir {run_dir}")
-        task = LMTask(data.train, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches)
-        result = train(model, task, recipe.optim, recipe.schedule, recipe.train, run_dir, to_dict(recipe), title="sft", resume=resume)
-        hist = result.history
-        val = next((r["val_loss"] for r in reversed(hist) if "val_loss" in r), None)
-        w.metrics = {"chat": True, "steps": recipe.train.steps, "final_loss": hist[-1]["loss"] if hist else None,
-                     "final_val_loss": val, "wall_s": round(time.time() - t0, 1),
-                     **{f"{k}_{m}": v[m] for k, v in data.counts.items() for m in ("used", "dropped_overlong", "truncated", "trained_tokens")}}
+        trained = st.train(model, LMTask(data.train, data.val, recipe.train.batch_size, recipe.seed, recipe.train.eval_batches))
+        val = trained.last("val_loss")
         summary = [f"- fine-tuned {model_art.id} for {recipe.train.steps} steps with {recipe.optim.name} (lr {recipe.optim.lr:g})",
                    f"- data: {summary_counts}",
                    f"- validation loss on assistant tokens: {val:.4f}" if val is not None else "- no validation split"]
-        write_model_outputs(w, result.model, model_art.path, run_dir, "sft", summary,
-                            tau=recipe.optim.qk_clip_tau if recipe.optim.name == "muonclip" else None)
-        art = w.commit(summary=f"SFT of {model_art.id}: val loss {val:.3f}" if val is not None else f"SFT of {model_art.id}")
-    info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s")
-    return art
+        with st.writer() as w:
+            w.metrics = {"chat": True, "steps": recipe.train.steps, "final_loss": trained.final.get("loss"),
+                         "final_val_loss": val, "wall_s": round(time.time() - t0, 1),
+                         **{f"{k}_{m}": v[m] for k, v in data.counts.items() for m in ("used", "dropped_overlong", "truncated", "trained_tokens")}}
+            st.write_model(w, trained, model_art.path, summary)
+            art = w.commit(summary=f"SFT of {model_art.id}: val loss {val:.3f}" if val is not None else f"SFT of {model_art.id}")
+        info(f"[green]wrote[/] {art.path} ({art.id}) in {w.metrics['wall_s']} s")
+        return art
 
 
 @click.command("sft")
 @click.argument("model", required=False)
 @recipe_options("sft", SFTRecipe)
-@out_options
+@run_options(resume=True)
 @click.option("--data", "agentic", default=None, metavar="REF", help="Agentic dataset artifact (data.agentic).")
-@click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
-@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def sft_cmd(model, recipe, recipe_source, out, force, agentic, resume_flag, restart):
+def sft_cmd(model, recipe, recipe_source, agentic, opts):
     """Fine-tune MODEL (default: the recipe's `model`) on chat data: tool-use trajectories, QA, math."""
     if model:
         recipe = dataclasses.replace(recipe, model=model)
     if agentic:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, agentic=agentic))
-    run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
+    run(recipe, opts)
 
 
 COMMANDS = [sft_cmd]

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter
-from k2cli.commands.common import out_options, recipe_options
+from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.synth import (
     biographies,
@@ -33,7 +32,7 @@ from k2cli.data.synth import (
 )
 from k2cli.data.world import WORLD_FILE, build_world, save_world
 from k2cli.errors import K2Error
-from k2cli.recipes import to_dict
+from k2cli.stages.runner import RunOptions, Stage
 
 
 @dataclass
@@ -92,47 +91,49 @@ def _summary(recipe: SynthRecipe, m: dict) -> str:
     ])
 
 
-def run(recipe: SynthRecipe, out: str | None = None, force: bool = False):
+def run(recipe: SynthRecipe, opts: RunOptions = RunOptions()):
     """Build the world and its datasets; returns the dataset Artifact."""
-    recipe.validate()
-    t0 = time.time()
-    world = build_world(recipe.world.size, recipe.seed)
-    bios = biographies(world, recipe.bios.per_person, recipe.bios.permute, recipe.bios.fullname, recipe.seed)
-    train_ids, test_ids = qa_split(world, recipe.qa.test_fraction, recipe.seed)
-    problems = math_problems(world, recipe.math.count, recipe.seed, recipe.math.test_fraction)
-    math_docs = [{"text": math_document(r), "doc_id": r["math_id"], "source": "math", "person_id": ""}
-                 for r in problems if r["split"] == "train"]
-    corpus = bios + math_docs
-    qa_train, qa_test = qa_pairs(world, train_ids), qa_pairs(world, test_ids)
-    with ArtifactWriter(stage="synth", kind="dataset", out=out, recipe=to_dict(recipe), force=force) as w:
-        save_world(world, w.dir / WORLD_FILE)
-        save_dataset(corpus, w.dir / "corpus")
-        save_dataset(qa_train, w.dir / "qa_train")
-        save_dataset(qa_test, w.dir / "qa_test")
-        if problems:
-            save_dataset(problems, w.dir / "math")
-        w.metrics = {
-            "people": len(world.people),
-            "organisations": len(world.organisations),
-            "cities": len(world.cities),
-            "biographies": len(bios),
-            "math_documents": len(math_docs),
-            "corpus_documents": len(corpus),
-            "tokens_estimate": estimate_tokens(d["text"] for d in corpus),
-            "qa_train": len(qa_train),
-            "qa_test": len(qa_test),
-            "qa_train_people": len(train_ids),
-            "qa_test_people": len(test_ids),
-            "math_problems": len(problems),
-            "math_test": sum(r["split"] == "test" for r in problems),
-        }
-        (w.dir / "summary.md").write_text(_summary(recipe, w.metrics))
-        m = w.metrics
-        art = w.commit(summary=f"{m['people']} people, {m['corpus_documents']} documents, ~{m['tokens_estimate']:,} tokens")
-    info(f"[green]wrote[/] {art.path} ({art.id}): {m['people']} people, {m['corpus_documents']} documents "
-         f"(~{m['tokens_estimate']:,} tokens), {m['qa_train']}/{m['qa_test']} QA train/test, "
-         f"{m['math_problems']} math problems, {time.time() - t0:.1f} s")
-    return art
+    with Stage("synth", "dataset", recipe, opts) as st:
+        if done := st.up_to_date([]):
+            return done
+        t0 = time.time()
+        world = build_world(recipe.world.size, recipe.seed)
+        bios = biographies(world, recipe.bios.per_person, recipe.bios.permute, recipe.bios.fullname, recipe.seed)
+        train_ids, test_ids = qa_split(world, recipe.qa.test_fraction, recipe.seed)
+        problems = math_problems(world, recipe.math.count, recipe.seed, recipe.math.test_fraction)
+        math_docs = [{"text": math_document(r), "doc_id": r["math_id"], "source": "math", "person_id": ""}
+                     for r in problems if r["split"] == "train"]
+        corpus = bios + math_docs
+        qa_train, qa_test = qa_pairs(world, train_ids), qa_pairs(world, test_ids)
+        with st.writer() as w:
+            save_world(world, w.dir / WORLD_FILE)
+            save_dataset(corpus, w.dir / "corpus")
+            save_dataset(qa_train, w.dir / "qa_train")
+            save_dataset(qa_test, w.dir / "qa_test")
+            if problems:
+                save_dataset(problems, w.dir / "math")
+            w.metrics = {
+                "people": len(world.people),
+                "organisations": len(world.organisations),
+                "cities": len(world.cities),
+                "biographies": len(bios),
+                "math_documents": len(math_docs),
+                "corpus_documents": len(corpus),
+                "tokens_estimate": estimate_tokens(d["text"] for d in corpus),
+                "qa_train": len(qa_train),
+                "qa_test": len(qa_test),
+                "qa_train_people": len(train_ids),
+                "qa_test_people": len(test_ids),
+                "math_problems": len(problems),
+                "math_test": sum(r["split"] == "test" for r in problems),
+            }
+            (w.dir / "summary.md").write_text(_summary(recipe, w.metrics))
+            m = w.metrics
+            art = w.commit(summary=f"{m['people']} people, {m['corpus_documents']} documents, ~{m['tokens_estimate']:,} tokens")
+        info(f"[green]wrote[/] {art.path} ({art.id}): {m['people']} people, {m['corpus_documents']} documents "
+             f"(~{m['tokens_estimate']:,} tokens), {m['qa_train']}/{m['qa_test']} QA train/test, "
+             f"{m['math_problems']} math problems, {time.time() - t0:.1f} s")
+        return art
 
 
 @click.group("data", cls=click.RichGroup)
@@ -144,8 +145,8 @@ def data_group():
 @recipe_options("synth", SynthRecipe)
 @click.option("--size", type=int, default=None, help="People in the world (overrides world.size).")
 @click.option("--seed", type=int, default=None, help="Seed of everything drawn (overrides seed).")
-@out_options
-def synth_cmd(recipe, recipe_source, size, seed, out, force):
+@run_options()
+def synth_cmd(recipe, recipe_source, size, seed, opts):
     """Generate a synthetic world and its corpus: biographies (PLM 3.1 bioS), QA pairs split by
     person, and math word problems, as one dataset artifact.
 
@@ -155,7 +156,7 @@ def synth_cmd(recipe, recipe_source, size, seed, out, force):
         recipe = dataclasses.replace(recipe, world=dataclasses.replace(recipe.world, size=size))
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=seed)
-    run(recipe, out=out, force=force)
+    run(recipe, opts)
 
 
 COMMANDS = [data_group]

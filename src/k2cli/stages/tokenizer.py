@@ -8,29 +8,33 @@ from __future__ import annotations
 
 import rich_click as click
 
-from k2cli.artifacts import ArtifactWriter
+from k2cli.commands.common import run_options
 from k2cli.console import info
 from k2cli.data.lm_data import DataConfig, load_documents, training_texts
 from k2cli.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from k2cli.lineage import Split
+from k2cli.stages.runner import RunOptions, Stage
 
 
 def run(corpus: str, vocab_size: int, min_frequency: int = 2, val_fraction: float = 0.05, seed: int = 0,
-        text_field: str = "text", split_digits: bool = True, out: str | None = None, force: bool = False):
+        text_field: str = "text", split_digits: bool = True, opts: RunOptions = RunOptions()):
     cfg = DataConfig(input=corpus, text_field=text_field, val_fraction=val_fraction)
-    ds, art, _ = load_documents(cfg)
-    texts = training_texts(ds, val_fraction, seed)  # never learn merges from validation text
     recipe = {"data": vars(cfg), "vocab_size": vocab_size, "min_frequency": min_frequency, "split_digits": split_digits,
               "seed": seed}
-    with ArtifactWriter(stage="tokenizer", kind="tokenizer", out=out, recipe=recipe,
-                        inputs=[art] if art else [], force=force) as w:
-        tok = train_tokenizer(texts, vocab_size, min_frequency, split_digits)
-        tok.save(w.dir)
-        sample = texts[0][:200]
-        w.metrics = {"vocab_size": tok.vocab_size, "special_tokens": len(SPECIAL_TOKENS),
-                     "documents": len(texts), "chars_per_token_sample": round(len(sample) / max(1, len(tok.encode(sample))), 2)}
-        result = w.commit(summary=f"BPE tokenizer, {tok.vocab_size} tokens")
-    info(f"[green]wrote[/] {result.path} ({result.id}): {tok.vocab_size} tokens")
-    return result
+    with Stage("tokenizer", "tokenizer", recipe, opts) as st:
+        ds, art, _ = load_documents(cfg)
+        if done := st.up_to_date([art]):
+            return done
+        texts = training_texts(ds, Split(corpus, val_fraction, seed, "the tokenizer's hold-out"))  # never learn merges from validation text
+        with st.writer() as w:
+            tok = train_tokenizer(texts, vocab_size, min_frequency, split_digits)
+            tok.save(w.dir)
+            sample = texts[0][:200]
+            w.metrics = {"vocab_size": tok.vocab_size, "special_tokens": len(SPECIAL_TOKENS),
+                         "documents": len(texts), "chars_per_token_sample": round(len(sample) / max(1, len(tok.encode(sample))), 2)}
+            result = w.commit(summary=f"BPE tokenizer, {tok.vocab_size} tokens")
+        info(f"[green]wrote[/] {result.path} ({result.id}): {tok.vocab_size} tokens")
+        return result
 
 
 @click.group("tokenizer", cls=click.RichGroup)
@@ -46,12 +50,10 @@ def tokenizer_group():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out.")
 @click.option("--split-digits/--merge-digits", default=True, show_default=True,
               help="Every digit its own token, or digits merged by BPE like any other characters.")
-@click.option("--out", default=None, metavar="REF", help="A directory path, or a name to version under the artifacts root.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-def train_cmd(corpus, vocab_size, min_frequency, text_field, seed, split_digits, out, force):
+@run_options()
+def train_cmd(corpus, vocab_size, min_frequency, text_field, seed, split_digits, opts):
     """Train a byte-level BPE tokenizer on CORPUS (a dataset artifact or .txt/.jsonl/.parquet files)."""
-    run(corpus, vocab_size, min_frequency, seed=seed, text_field=text_field, split_digits=split_digits, out=out,
-        force=force)
+    run(corpus, vocab_size, min_frequency, seed=seed, text_field=text_field, split_digits=split_digits, opts=opts)
 
 
 COMMANDS = [tokenizer_group]

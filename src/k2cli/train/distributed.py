@@ -3,8 +3,7 @@
 Every function is a no-op (or the identity) in a single process, so the training loop and
 the stages read the same with one rank or many. Under torchrun (RANK, WORLD_SIZE,
 MASTER_ADDR in the environment) the loop calls `setup()` and `wrap()`; the model never knows
-about ranks, and a stage only marks where rank 0 goes first (`begin_stage`) and what only
-rank 0 writes (`artifact_writer`).
+about ranks, and the stage runner (stages/runner.py) lets rank 0 go first and write the artifact.
 
     process group  gloo on CPU; on CUDA "cpu:gloo,cuda:nccl" (NCCL for device tensors), each
                    rank on the GPU of its LOCAL_RANK. Torn down at exit.
@@ -25,30 +24,25 @@ rank 0 writes (`artifact_writer`).
                    (data preparation, checkpoint and artifact writing), on a separate gloo group.
 
 Rank-0-only side effects: non-zero ranks are quiet (K2_QUIET) from import on, only rank 0
-logs metrics, writes checkpoints and artifacts (`artifact_writer`); stages that share
-caches call `begin_stage` so that rank 0 fills them first.
+logs metrics, writes checkpoints and artifacts (stages/runner.py: rank 0 also prepares data
+and caches first while the others wait).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from k2cli.artifacts import Artifact, ArtifactWriter
 from k2cli.errors import K2Error
 
 PARALLEL = ("ddp", "fsdp")
 
 _wait_group = None  # gloo group with the long timeout, for waiting on rank 0 (and for Python objects)
-_followers_waiting = False  # rank 0 after begin_stage: the other ranks wait until it reaches the training
 
 
 def _env_int(name: str, default: int) -> int:
@@ -107,14 +101,13 @@ def wait_timeout_s() -> float:
 def setup() -> None:
     """Join the process group torchrun describes (once per process), then meet the other ranks.
 
-    Called by the training loop; a no-op outside torchrun. Also releases the other ranks if
-    this is rank 0 after `begin_stage`, then waits until every rank has arrived, so that the
-    training collectives (short timeout) only start when everybody is there.
+    Called by the training loop; a no-op outside torchrun. Waits until every rank has arrived
+    (the stage runner released the others first, stages/runner.py), so that the training
+    collectives (short timeout) only start when everybody is there.
     """
     if _env_int("WORLD_SIZE", 1) <= 1:
         return
     _init()
-    _release_followers()
     _wait()
 
 
@@ -190,35 +183,7 @@ def report_lost_ranks(seconds: float | None = None):
         ) from e
 
 
-# ----------------------------------------------------------------------------- stages
-
-
-def begin_stage(resume: str = "auto") -> str:
-    """Call at the top of a stage's run(): under torchrun rank 0 prepares first (clears the run
-    directory on a restart, trains the tokenizer, tokenises, fills caches on shared storage)
-    while the others wait; they follow once rank 0 reaches `artifact_writer` or the training
-    loop, and then find every cache filled.
-
-    Returns the `resume` mode this rank must use: rank 0 already cleared the run directory, so
-    for the others "no" becomes "auto" (there is nothing left to resume from, and they must not
-    delete what rank 0 wrote since).
-    """
-    global _followers_waiting
-    if _env_int("WORLD_SIZE", 1) <= 1:
-        return resume
-    _init()
-    if is_main():
-        _followers_waiting = True
-        return resume
-    _wait()  # until rank 0 calls _release_followers()
-    return "auto" if resume == "no" else resume
-
-
-def _release_followers() -> None:
-    global _followers_waiting
-    if _followers_waiting:
-        _followers_waiting = False
-        _wait()
+# ----------------------------------------------------------------------------- rank 0 and the others
 
 
 def broadcast_object(obj):
@@ -229,46 +194,6 @@ def broadcast_object(obj):
     with report_lost_ranks(wait_timeout_s()):
         dist.broadcast_object_list(box, src=0, group=_wait_group)
     return box[0]
-
-
-def artifact_writer(**kw):
-    """`ArtifactWriter(**kw)` for a stage that may run under torchrun: rank 0 writes the artifact;
-    the others get a stand-in whose files go to a scratch directory and whose `commit()` waits
-    for rank 0's and returns the same artifact (path and manifest)."""
-    _release_followers()
-    if not is_distributed():
-        return ArtifactWriter(**kw)
-    return _MainWriter(**kw) if is_main() else _FollowerWriter(**kw)
-
-
-class _MainWriter(ArtifactWriter):
-    """Rank 0: a normal writer that also tells the other ranks what it committed. (If rank 0
-    fails instead, its exit breaks the connection and the waiting ranks stop with a K2Error.)"""
-
-    def commit(self, summary: str = "") -> Artifact:
-        art = super().commit(summary)
-        broadcast_object((str(art.path), art.manifest))
-        return art
-
-
-class _FollowerWriter:
-    """What a non-zero rank writes into goes to a scratch directory, removed afterwards."""
-
-    def __init__(self, **kw):
-        self.stage = kw.get("stage", "artifact")
-        self.metrics = {}
-        self.dir = Path(tempfile.mkdtemp(prefix=f"k2-rank{rank()}-{self.stage}-"))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return False
-
-    def commit(self, summary: str = "") -> Artifact:
-        path, manifest = broadcast_object(None)
-        return Artifact(Path(path), manifest)
 
 
 # ----------------------------------------------------------------------------- parallel wrappers
