@@ -254,12 +254,13 @@ def tripwire(work: str, read_roots: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def outer_wait(pid: int) -> None:
+def outer_wait(pid: int, devnull: int) -> None:
     """The trusted outer process (still root, outside the PID namespace) keeps the clock: past the
     deadline it kills the namespace's init, and the kernel kills everything else in it (even a
-    setsid'ed grandchild) before that init is reaped. It exits with the inner's status."""
-    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
-    os.dup2(0, 1)  # the result pipe reaches EOF when the inner side is gone, not later
+    setsid'ed grandchild) before that init is reaped. It exits with the inner's status. It shares the
+    inner's mount namespace, so the inner's pivot_root moves its root too: it opens no file."""
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # the result pipe reaches EOF when the inner side is gone, not later
     try:
         done = bool(select.select([os.pidfd_open(pid)], [], [], P["timeout_s"])[0])
     except OSError:  # no pidfd (Linux < 5.3): poll every 5 ms
@@ -277,7 +278,8 @@ def outer_wait(pid: int) -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def main() -> None:
+def confine() -> int:
+    """Every layer, in order; returns the fd that carries the outputs."""
     layers, work = P["layers"], os.path.join(DIR, "work")
     ro_paths = P["ro_paths"]
     P["uid"] += os.getpid()  # a uid of its own: RLIMIT_NPROC counts only this sandbox, no other process shares it
@@ -286,7 +288,7 @@ def main() -> None:
         check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
         pid = os.fork()  # the child is PID 1 of the new PID namespace
         if pid:
-            outer_wait(pid)
+            outer_wait(pid, devnull)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the outer killed by the parent: we die too
         mount_root(os.path.join(DIR, "root"), ro_paths)
         work, ro_paths = "/work", [p for p in ro_paths if not os.path.islink(p)]
@@ -307,7 +309,15 @@ def main() -> None:
         seccomp("namespaces" in layers, os.getpid())
     if P["tripwire"]:  # last: our own setup above (ctypes) would trip it
         tripwire(work, ro_paths)
+    return result_fd
 
+
+def main() -> None:
+    try:
+        result_fd = confine()
+    except BaseException as e:  # a setup step raised: ours, not the snippet's (it has not run)
+        os.write(1, f"sandbox setup: {type(e).__name__}: {e}".encode())
+        os._exit(120)
     namespace = {"__name__": "solution"}
     try:
         exec(compile(P["code"], "solution.py", "exec"), namespace)
