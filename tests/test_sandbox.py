@@ -222,14 +222,17 @@ def test_no_way_out_of_the_jail_through_the_kernel(config, secret):
     body = (f"import sys\nsys.modules.pop('ctypes', None)\nsys.modules.pop('_ctypes', None)\nimport ctypes\n"
             "libc = ctypes.CDLL(None, use_errno=True)\n"
             "def attack():\n    out = []\n"
-            "    out.append(libc.unshare(0x10000000 | 0x20000))\n"  # a user namespace regains capabilities
-            "    out.append(libc.chroot(b'/work'))\n"
-            "    out.append(libc.mount(b'none', b'/work', b'proc', 0, None))\n"
-            "    out.append(libc.syscall(425, 8, 0))\n"  # io_uring_setup
-            "    out.append(libc.setuid(0))\n"
-            f"    out.append(open({str(path)!r}).read())\n"
+            "    for call in (lambda: libc.unshare(0x10000000 | 0x20000),\n"  # a user namespace regains capabilities
+            "                 lambda: libc.chroot(b'/work'), lambda: libc.setuid(0),\n"
+            "                 lambda: libc.mount(b'proc', b'/work', b'proc', 0, None),\n"
+            "                 lambda: libc.syscall(425, 8, 0),\n"  # io_uring_setup
+            f"                 lambda: open({str(path)!r}).read(), lambda: open('/proc/1/environ').read()):\n"
+            "        out.append(attempt(call))\n"
             "    return out\n")
-    assert_stopped(probe(body, config), config, token)
+    res = probe(body, config)
+    assert_stopped(res, config, token, "PATH=")
+    if res.status == "ok":  # every call refused (-1), none succeeded (0)
+        assert "got: 0" not in res.outputs[0], res
 
 
 # ----------------------------------------------------------------------------- resources
