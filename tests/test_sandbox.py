@@ -223,7 +223,7 @@ def test_no_way_out_of_the_jail_through_the_kernel(config, secret):
             "libc = ctypes.CDLL(None, use_errno=True)\n"
             "def attack():\n    out = []\n"
             "    for call in (lambda: libc.unshare(0x10000000 | 0x20000),\n"  # a user namespace regains capabilities
-            "                 lambda: libc.chroot(b'/work'), lambda: libc.setuid(0),\n"
+            "                 lambda: libc.chroot(b'/work'), lambda: libc.sethostname(b'x', 1),\n"
             "                 lambda: libc.mount(b'proc', b'/work', b'proc', 0, None),\n"
             "                 lambda: libc.syscall(425, 8, 0),\n"  # io_uring_setup
             f"                 lambda: open({str(path)!r}).read(), lambda: open('/proc/1/environ').read()):\n"
