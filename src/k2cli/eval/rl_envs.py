@@ -24,7 +24,8 @@ def _data(ctx):
     from k2cli.errors import K2Error
     from k2cli.rl.env import EnvConfig, _lineage_dataset, load_world_data
 
-    cfg = EnvConfig(data=ctx.cfg.data if ctx.data_art is not None and ctx.data_art.has("world.json") else "")
+    cfg = EnvConfig(data=ctx.cfg.data if ctx.data_art is not None and ctx.data_art.has("world.json") else "",
+                    unsafe_sandbox=ctx.cfg.unsafe_sandbox)
     try:
         data = load_world_data(ctx.model_art, cfg)
     except K2Error:

@@ -177,10 +177,16 @@ def require_isolation(unsafe: bool = False) -> Isolation:
         raise K2Error(f"refusing to run model-written code: {iso.line}",
                       "run as root or on Linux >= 5.13 with Landlock, or pass --unsafe-sandbox "
                       "(recipe key envs.unsafe_sandbox = true) to run it without isolation")
+    _warn_unsafe(iso.line)
+    return iso
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unsafe(line: str) -> None:
+    """Once per process, even with K2_QUIET: the user chose to run untrusted code unconfined."""
     from k2cli.console import err
 
-    err.print(f"[yellow]warning:[/] --unsafe-sandbox: model-written code runs WITHOUT isolation ({iso.line})")
-    return iso
+    err.print(f"[yellow]warning:[/] --unsafe-sandbox: model-written code runs WITHOUT isolation ({line})")
 
 
 def run_tests(code: str, calls: list[str], timeout_s: float = 2.0, memory_mb: int = 256, file_mb: int = 1,

@@ -262,8 +262,12 @@ def _history(run_dir) -> list[dict]:
 @out_options
 @click.option("--resume", "resume_flag", is_flag=True, help="Require a checkpoint of this run to continue from.")
 @click.option("--restart", is_flag=True, help="Discard this run's checkpoints and start over.")
-def rl_cmd(model, recipe, recipe_source, out, force, resume_flag, restart):
+@click.option("--unsafe-sandbox", is_flag=True, help="Run the code env's model-written code even where the OS offers "
+              "no isolation (= envs.unsafe_sandbox).")
+def rl_cmd(model, recipe, recipe_source, out, force, resume_flag, restart, unsafe_sandbox):
     """Improve the chat MODEL (default: the recipe's `model`) by RL on the world's environments."""
+    if unsafe_sandbox:
+        recipe.envs.unsafe_sandbox = True
     if model:
         recipe = dataclasses.replace(recipe, model=model)
     run(recipe, out=out, force=force, resume="yes" if resume_flag else "no" if restart else "auto")
