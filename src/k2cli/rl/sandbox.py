@@ -100,6 +100,7 @@ class Isolation:
     line: str  # one line for the user
 
 
+@functools.lru_cache(maxsize=1)
 def _landlock_abi() -> int:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -109,7 +110,8 @@ def _landlock_abi() -> int:
         return 0
 
 
-def _ro_paths() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _ro_paths() -> tuple[str, ...]:
     """What the interpreter needs to read: its install and the shared libraries (symlinks kept as links,
     with their targets added), without paths nested in another."""
     paths = []
@@ -119,8 +121,8 @@ def _ro_paths() -> list[str]:
             if os.path.islink(p):
                 paths.append(os.path.realpath(p))
     paths = sorted(set(paths), key=len)
-    return [p for p in paths if os.path.islink(p) or not any(p.startswith(q.rstrip("/") + "/") and not os.path.islink(q)
-                                                                 for q in paths if q != p)]
+    return tuple(p for p in paths if os.path.islink(p) or not any(p.startswith(q.rstrip("/") + "/") and not os.path.islink(q)
+                                                                      for q in paths if q != p))
 
 
 def _candidates() -> list[str]:
@@ -204,7 +206,7 @@ def _run(code, calls, layers, timeout_s, memory_mb, file_mb, tripwire) -> Sandbo
         os.mkdir(os.path.join(tmp, "root"))  # the mount point of the private root
         params = {"code": code, "calls": calls, "layers": layers, "timeout_s": timeout_s, "cpu_s": max(1, math.ceil(timeout_s)),
                   "memory_mb": memory_mb, "file_mb": file_mb, "nproc": 8, "scratch_mb": 8, "tripwire": tripwire,
-                  "ro_paths": _ro_paths(), "landlock_abi": _landlock_abi(), "uid": UID_BASE}
+                  "ro_paths": list(_ro_paths()), "landlock_abi": _landlock_abi(), "uid": UID_BASE}
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(params, f)
         # the jail's pid is only known after the start: the uid it takes is UID_BASE + its own pid (jail.py)
