@@ -32,7 +32,7 @@ CLONE_NEW_ANY = 0x7E020080  # every CLONE_NEW* flag (ns, cgroup, uts, ipc, user,
 CLONE_THREAD = 0x10000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_CHILD_SUBREAPER = 1, 38, 22, 2, 36
 
 # x86_64 syscall numbers. Landlock's (444-446) are the same on every architecture; seccomp is applied on
 # x86_64 only (other machines get the remaining layers, and sandbox.isolation() says so).
@@ -273,8 +273,14 @@ def outer_wait(pid: int, devnull: int) -> None:
     if not done:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        os._exit(124)
-    _, status = os.waitpid(pid, 0)
+        status = 124 << 8  # exit status 124: over time
+    else:
+        _, status = os.waitpid(pid, 0)
+    while True:  # the namespace's other processes, killed with its init, are ours to reap (a subreaper): no zombie
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
@@ -286,6 +292,7 @@ def confine() -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     if "namespaces" in layers:
         check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the namespace come back to the outer, not init
         pid = os.fork()  # the child is PID 1 of the new PID namespace
         if pid:
             outer_wait(pid, devnull)
