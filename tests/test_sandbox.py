@@ -20,7 +20,7 @@ import pytest
 
 from k2cli.errors import K2Error
 from k2cli.rl import sandbox
-from k2cli.rl.sandbox import JAIL, UID_BASE, _run, isolation, run_tests
+from k2cli.rl.sandbox import BOOT, UID_BASE, _run, isolation, run_tests
 
 ISO = isolation()
 FALLBACK = ["landlock", "seccomp"] + (["nocaps"] if os.geteuid() == 0 else [])
@@ -58,7 +58,7 @@ def survivors() -> list[str]:
         except OSError:
             continue
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
-        if UID_BASE <= uid < UID_BASE + (1 << 23) or JAIL.encode() in cmdline:
+        if UID_BASE <= uid < UID_BASE + (1 << 23) or BOOT.encode() in cmdline:
             found.append(pid)
     return found
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import marshal
 import math
 import os
 import platform
@@ -82,6 +83,8 @@ from k2cli.errors import K2Error
 
 STATUSES = ("ok", "error", "timeout", "blocked", "killed")
 JAIL = str(Path(__file__).with_name("jail.py"))
+# the child: imports jail.py from its directory (cached bytecode) and runs it on the run's directory
+BOOT = "import sys; sys.path.insert(0, sys.argv[1]); import jail; jail.main(sys.argv[2])"
 MAX_OUTPUT = 1 << 20  # bytes of result a child may send
 UID_BASE = 0x70000000  # dedicated sandbox uids: UID_BASE + the jail's pid (unique while it runs)
 
@@ -200,17 +203,18 @@ def run_tests(code: str, calls: list[str], timeout_s: float = 2.0, memory_mb: in
 
 
 def _run(code, calls, layers, timeout_s, memory_mb, file_mb, tripwire) -> SandboxResult:
-    tmp = tempfile.mkdtemp(prefix="k2-sandbox-")  # 0700: params.json is ours, the snippet never sees this path
+    tmp = tempfile.mkdtemp(prefix="k2-sandbox-")  # 0700: params.bin is ours, the snippet never sees this path
     try:
         os.mkdir(os.path.join(tmp, "work"))  # the scratch directory without namespaces (with them: a tmpfs)
         os.mkdir(os.path.join(tmp, "root"))  # the mount point of the private root
         params = {"code": code, "calls": calls, "layers": layers, "timeout_s": timeout_s, "cpu_s": max(1, math.ceil(timeout_s)),
                   "memory_mb": memory_mb, "file_mb": file_mb, "nproc": 8, "scratch_mb": 8, "tripwire": tripwire,
                   "ro_paths": list(_ro_paths()), "landlock_abi": _landlock_abi(), "uid": UID_BASE}
-        with open(os.path.join(tmp, "params.json"), "w") as f:
-            json.dump(params, f)
+        with open(os.path.join(tmp, "params.bin"), "wb") as f:
+            marshal.dump(params, f)
         # the jail's pid is only known after the start: the uid it takes is UID_BASE + its own pid (jail.py)
-        proc = subprocess.Popen([sys.executable, "-I", "-S", JAIL, tmp], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", BOOT, os.path.dirname(JAIL), tmp],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, start_new_session=True, env={}, cwd=tmp)
         end = time.monotonic() + timeout_s + 1.0  # +1 s: the outer process keeps the real clock
         try:
