@@ -3,8 +3,8 @@
     run_tests(code, calls) -> SandboxResult(status, outputs)      # outputs: the values of the call expressions
     isolation() -> Isolation(layers, ok, line)                    # what this machine offers, probed once
 
-The snippet runs in `python -I -S jail.py` (see jail.py, the mechanism), a fresh interpreter in its own
-session, which confines itself before the snippet's first line:
+The snippet runs in a fresh `python -I -S` in its own session that imports jail.py (the mechanism) and
+confines itself before the snippet's first line:
 
   layer         what it stops                                            needs
   namespaces    new mount, PID, network, IPC and UTS namespaces. The     root with CAP_SYS_ADMIN (these
