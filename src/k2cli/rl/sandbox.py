@@ -219,13 +219,10 @@ def _run(code, calls, layers, timeout_s, memory_mb, file_mb, tripwire) -> Sandbo
         end = time.monotonic() + timeout_s + 1.0  # +1 s: the outer process keeps the real clock
         try:
             out, over = _read_bounded(proc, end)
-            if not over:  # EOF: the snippet's side is gone; the outer (or jail) exits right after
-                try:
-                    proc.wait(max(0.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    over = "timeout"
+            if not over and not _exited(proc, end):  # EOF: the snippet's side is gone; the jail exits right after
+                over = "timeout"
         finally:
-            _kill_group(proc)  # only a child past its deadline (or over MAX_OUTPUT) is still there
+            _kill_group(proc)  # a child past its deadline or over MAX_OUTPUT, and whatever is left in its session
         return _verdict(proc.returncode, out, over, len(calls), timeout_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,9 +270,32 @@ def _verdict(rc: int, out: bytes, over: str, n_calls: int, timeout_s: float) -> 
     return SandboxResult("ok", outputs)
 
 
+def _exited(proc: subprocess.Popen, end: float) -> bool:
+    """Wait until the child has exited, *without reaping it*: while it is a zombie its pid, the id of its
+    process group, cannot be reused, so the killpg that follows can only hit what it left behind."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # Linux < 5.3
+        fd = None
+    try:
+        while True:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if fd is None:
+                time.sleep(min(left, 0.005))
+            else:
+                select.select([fd], [], [], left)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the leader is unreaped here (running or a zombie): the pgid is still ours
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
