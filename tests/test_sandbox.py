@@ -93,6 +93,7 @@ READS = {
     "pathlib": "import pathlib\ndef attack():\n    return pathlib.Path({p!r}).read_text()\n",
     "symlink": "import os\ndef attack():\n    os.symlink({p!r}, 'link')\n    return open('link').read()\n",
     "relative": "import os\ndef attack():\n    return open('../' * 30 + {p!r}.lstrip('/')).read()\n",
+    "bytes path": "def attack():\n    return open({p!r}.encode()).read()\n",
 }
 
 

@@ -216,16 +216,16 @@ def tripwire(work: str, read_roots: list[str]) -> None:
     """A Python audit hook that ends the run (exit 3, "blocked") when the snippet *tries* something the
     OS layers refuse: a caught PermissionError must not let it carry on and score. A tripwire, not the
     boundary: code can disarm it (gc, ctypes); the kernel layers above hold whether it fires or not."""
-    _exit, fspath, realpath, sep = os._exit, os.fspath, os.path.realpath, os.sep
+    _exit, fsdecode, realpath, sep = os._exit, os.fsdecode, os.path.realpath, os.sep
 
     def under(path, roots):
         try:
-            p = realpath(fspath(path))
+            p = realpath(fsdecode(path))  # bytes paths too
         except Exception:
             return False
         return any(p == r or p.startswith(r.rstrip(sep) + sep) for r in roots)
 
-    refused = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+    refused = ("os.system", "os.exec", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
                "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "os.chroot", "os.setuid")
     read_events = ("os.listdir", "os.scandir", "os.chdir")  # the import system lists package directories
     path_events = ("os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod",

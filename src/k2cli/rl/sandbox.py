@@ -51,10 +51,10 @@ Landlock, landlock + seccomp + rlimits hold; elsewhere (macOS, Linux < 5.13 with
 
 The verdict. The child never reports a status or a pass: it only writes the JSON list of the calls'
 values to a pipe. The parent decides everything else from what the child cannot forge: its own clock
-and the outer process's (timeout), the exit status the kernel reports (a limit or the kernel killed it,
-a tripwire fired, the snippet raised), the shape of the message (exactly one JSON list of the right
-length, at most 1 MB, or the run is an error), and the expected values, which never enter the sandbox
-(code_env.py compares). Printing a fake result goes to /dev/null; writing one to an inherited fd either
+and the outer process's (timeout), the wait status (killed by a limit or the kernel; the tripwire's or a
+failed definition's exit code, which a snippet could fake only to lose), the shape of the message
+(exactly one JSON list of the right length, at most 1 MB, or the run is an error), and the expected
+values, which never enter the sandbox (code_env.py compares). Printing a fake result goes to /dev/null; writing one to an inherited fd either
 garbles the message or *is* the message, i.e. the snippet supplying the calls' values itself -- which
 needs the answers, exactly what the test asks for, and it cannot read them: the tests' expected values,
 the artifacts root, the parent's memory (/proc, ptrace) are out of its reach.
