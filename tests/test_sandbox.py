@@ -11,7 +11,6 @@ as root) without the tripwire. Bounded: 256 MB, 1-2 s, 8 processes per run.
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
