@@ -282,6 +282,41 @@ def test_sandbox_kills_runaway_code_and_blocks_writes_outside_its_directory(tmp_
     assert forged.outputs == [0]  # what the snippet prints never reaches the verdict
 
 
+def _honest_code(problem):
+    """A correct solution of a code problem: its tests as a lookup table ("add(7)" -> (7,): 12)."""
+    fn = problem["function"]
+    table = ", ".join(f"({call[len(fn) + 1:-1]},): {want!r}" for call, want in problem["tests"])
+    return f"```python\nT = {{{table}}}\ndef {fn}(*a):\n    return T.get(a)\n```"
+
+
+def test_code_env_trains_in_the_sandbox_and_refuses_without_isolation(world, monkeypatch, k2):
+    from k2cli.artifacts import open_artifact
+    from k2cli.rl import sandbox
+
+    code_env = env_class("code")
+    real, seen = code_env.score, []
+
+    def every_other_honest(self, problem, t):  # the micro policy writes no code: make half the replies real code
+        seen.append(real(self, problem, turn(_honest_code(problem)) if len(seen) % 2 else t))
+        return seen[-1]
+
+    monkeypatch.setattr(code_env, "score", every_other_honest)
+    k2("rl", world.model.path, "--preset", "micro", "--set", "envs.mix={code=1.0}", "--set", "train.steps=2")
+    assert open_artifact("rl:latest", kind="model").metrics
+    ran = [info for reward, info in seen if info["status"] != "no_code"]
+    assert ran and all(i["status"] == "ok" and i["correct"] for i in ran)  # honest code passes, in the real sandbox
+
+    none = sandbox.Isolation((), False, "this machine offers no isolation for model-written code")
+    monkeypatch.setattr(sandbox, "isolation", lambda: none)
+    assert_clean_error(k2("rl", world.model.path, "--preset", "micro", "--set", "envs.mix={code=1.0}", ok=False),
+                       "refusing to run model-written code", "--unsafe-sandbox")
+    sandbox._warn_unsafe.cache_clear()
+    unsafe = k2("rl", world.model.path, "--preset", "micro", "--set", "envs.mix={code=1.0}", "--set", "train.steps=1",
+                "--unsafe-sandbox", "--out", "rl-unsafe")
+    assert "WITHOUT isolation" in unsafe.output
+    assert open_artifact("rl-unsafe:latest", kind="model").recipe["envs"]["unsafe_sandbox"] is True  # on the record
+
+
 def test_tool_env_rewards_by_rubric(world):
     from k2cli.rl.env import EnvConfig, build_pools, load_world_data
     from k2cli.data.tokenizer import load_tokenizer

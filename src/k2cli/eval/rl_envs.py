@@ -24,7 +24,8 @@ ENVS = ("math", "logic", "instruct", "code", "tools", "chat")
 
 
 def _data(ctx):
-    cfg = EnvConfig(data=ctx.cfg.data if ctx.data_art is not None and ctx.data_art.has("world.json") else "")
+    cfg = EnvConfig(data=ctx.cfg.data if ctx.data_art is not None and ctx.data_art.has("world.json") else "",
+                    unsafe_sandbox=ctx.cfg.unsafe_sandbox)
     try:
         data = load_world_data(ctx.model_art, cfg)
     except K2Error:

@@ -35,6 +35,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     seq_len: int = 256  # for perplexity
     data: str = ""  # dataset artifact with the held-out sets; empty = found in the model's lineage
+    unsafe_sandbox: bool = False  # rl_envs: run model-written code where the OS offers no isolation (--unsafe-sandbox)
     # passkey suite (eval/passkey.py): lengths are multiples of the model's original context
     passkey_trials: int = 10  # trials per (length, depth) cell
     passkey_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0])

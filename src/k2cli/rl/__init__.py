@@ -3,7 +3,8 @@
     env.py         the Gym-like API (reset/step, Observation), the registry, pools of problems per split
     world_envs.py  math, logic, instruct (verifiable) and chat (rubric reward) environments
     code_env.py    short Python functions checked by unit tests ...
-    sandbox.py     ... in a subprocess with rlimits, a temporary directory and guarded file access
+    sandbox.py     ... isolated by the kernel (namespaces, dedicated uid, Landlock, seccomp, rlimits); the parent judges
+    jail.py        the sandbox's child process: applies those layers to itself, then runs the snippet
     tool_env.py    the agentic tasks, multi-turn, judged by their rubrics
     rollout.py     many episodes advanced together, each turn one batched generation with the KV cache
     critic.py      the self-critique rubric reward: pairwise judgements, win rates, critic training pairs

@@ -2,10 +2,14 @@
 
 A problem names the function and its behaviour with world values in it ("... returns how old a
 person born in birth_year is at the end of year"); its tests are call expressions with expected
-values, evaluated in `k2cli.rl.sandbox` (time and memory limits, a temporary working directory,
-no writes outside it). Reward = the fraction of tests passed; a snippet that times out, hits a
-limit or touches what it must not scores 0. The code is the reply's ```python block, else the
-reply from its first `def`.
+values. The calls run in `k2cli.rl.sandbox` (kernel isolation: namespaces, a dedicated uid,
+Landlock, seccomp, rlimits -- see there); only the calls' values come back, and the expected values
+never enter the sandbox: they are compared here. Reward = the fraction of tests passed; a snippet
+that times out, hits a limit or trips the sandbox scores 0. The code is the reply's ```python
+block, else the reply from its first `def`.
+
+Where the OS offers no isolation, loading the environment refuses (one `error:` line) unless the
+recipe says `envs.unsafe_sandbox = true` (`--unsafe-sandbox`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import re
 
 from k2cli.data.chat import ParsedTurn
 from k2cli.rl.env import Environment, WorldData, register
-from k2cli.rl.sandbox import run_tests
+from k2cli.rl.sandbox import require_isolation, run_tests
 from k2cli.rl.world_envs import _train_test
 
 
@@ -76,14 +80,17 @@ class CodeEnv(Environment):
 
     @classmethod
     def load(cls, data: WorldData, cfg):
+        unsafe = bool(getattr(cfg, "unsafe_sandbox", False))
+        require_isolation(unsafe)  # before any training: refuse (or warn, once) where nothing isolates the code
         train, test = _train_test(data.world, cfg, data.seed, cls.name, code_problem)
-        return train, test, None
+        return train, test, {"unsafe_sandbox": unsafe}  # `shared`: what every episode's sandbox run needs
 
     def score(self, problem, turn: ParsedTurn):
         code = extract_code(turn.content)
         if code is None or f"def {problem['function']}" not in code:
             return 0.0, {"correct": False, "status": "no_code"}  # nothing to run: skip the subprocess
-        res = run_tests(code, [c for c, _ in problem["tests"]], self.timeout_s, self.memory_mb)
+        unsafe = bool((self.shared or {}).get("unsafe_sandbox"))
+        res = run_tests(code, [c for c, _ in problem["tests"]], self.timeout_s, self.memory_mb, unsafe=unsafe)
         passed = sum(out == want for out, (_, want) in zip(res.outputs, problem["tests"])) if res.status == "ok" else 0
         return passed / len(problem["tests"]), {"correct": passed == len(problem["tests"]), "status": res.status,
                                                  "passed": passed}

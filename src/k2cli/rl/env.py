@@ -161,6 +161,7 @@ class EnvConfig:
     tool_turns: int = 4  # tools: max assistant turns per episode
     data: str = ""  # the synthetic-world dataset; "" = the nearest one in the model's lineage
     agentic: str = ""  # the agentic dataset (tools env); "" = the nearest one in the lineage
+    unsafe_sandbox: bool = False  # code env: run model-written code where the OS offers no isolation (--unsafe-sandbox)
 
     def validate(self) -> None:
         for name in list(self.mix) + list(self.budget):

@@ -142,10 +142,14 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
 @click.option("--data", default=None, metavar="REF", help="Dataset artifact with held-out sets (default: from each model's lineage).")
 @click.option("--label", "labels", multiple=True, help="A display name per model (repeat in order).")
 @click.option("--list-suites", is_flag=True, is_eager=False, help="List the suites and exit.")
+@click.option("--unsafe-sandbox", is_flag=True, help="Run model-written code (rl_envs' code env) even where the OS "
+              "offers no isolation (= eval.unsafe_sandbox).")
 @recipe_options("eval", EvalRecipe)
 @run_options()
-def eval_cmd(models, suite_names, data, labels, list_suites, recipe, recipe_source, opts):
+def eval_cmd(models, suite_names, data, labels, list_suites, unsafe_sandbox, recipe, recipe_source, opts):
     """Evaluate MODEL... (artifact refs) on the chosen suites, side by side."""
+    if unsafe_sandbox:
+        recipe.eval.unsafe_sandbox = True
     if list_suites:
         for name, s in all_suites().items():
             stdout.print(f"[bold]{name}[/]: {s.description}")

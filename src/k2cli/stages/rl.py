@@ -253,8 +253,12 @@ def run(recipe: RLRecipe, opts: RunOptions = RunOptions()):
 @click.argument("model", required=False)
 @recipe_options("rl", RLRecipe)
 @run_options(resume=True)
-def rl_cmd(model, recipe, recipe_source, opts):
+@click.option("--unsafe-sandbox", is_flag=True, help="Run the code env's model-written code even where the OS offers "
+              "no isolation (= envs.unsafe_sandbox).")
+def rl_cmd(model, recipe, recipe_source, opts, unsafe_sandbox):
     """Improve the chat MODEL (default: the recipe's `model`) by RL on the world's environments."""
+    if unsafe_sandbox:
+        recipe.envs.unsafe_sandbox = True
     if model:
         recipe = dataclasses.replace(recipe, model=model)
     run(recipe, opts)
