@@ -28,6 +28,7 @@ from torch import nn
 from k2cli.model.blocked_attention import causal_attention, max_logit_per_head
 from k2cli.model.config import ModelConfig
 from k2cli.model.norm import RMSNorm
+from k2cli.model.precision import Linear
 from k2cli.model.rope import apply_rope, softmax_scale
 
 # Decode with the absorbed form when a call brings at most this many new tokens on top of
@@ -35,7 +36,7 @@ from k2cli.model.rope import apply_rope, softmax_scale
 ABSORB_MAX_NEW_TOKENS = 8
 
 # Which kernel computes unmasked causal attention in the expanded form:
-#   "auto"    blocked matmuls on CPU in float32/64 (faster there, and the statistic is free),
+#   "auto"    blocked matmuls on CPU (faster there, and the statistic is free),
 #             F.scaled_dot_product_attention elsewhere (fused flash kernels on CUDA)
 #   "blocked" / "sdpa"  force one (tests compare them)
 # Calls with an explicit mask (padded batches) always use scaled_dot_product_attention.
@@ -45,7 +46,7 @@ ATTENTION_BACKEND = "auto"
 def use_blocked(q: torch.Tensor) -> bool:
     if ATTENTION_BACKEND != "auto":
         return ATTENTION_BACKEND == "blocked"
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    return q.device.type == "cpu"
 
 
 class MLAttention(nn.Module):
@@ -56,15 +57,15 @@ class MLAttention(nn.Module):
         self.dn, self.dr, self.dv, self.r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         D, dqk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # HF: eps 1e-6 regardless of rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dqk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * dqk, bias=False)
         else:
-            self.q_proj = nn.Linear(D, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.dr, bias=False)
+            self.q_proj = Linear(D, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.r + self.dr, bias=False)
         self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
-        self.kv_b_proj = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(H * self.dv, D, bias=False)
+        self.kv_b_proj = Linear(self.r, H * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(H * self.dv, D, bias=False)
         self.softmax_scale = softmax_scale(cfg)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class MLAttention(nn.Module):
         """
         B, H, T, _ = q_nope.shape
         S, r = latent.shape[1], self.r
-        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
+        w = self.kv_b_proj.weight.to(q_nope.dtype).view(H, self.dn + self.dv, r)  # float32 weight, compute dtype
         w_k, w_v = w[:, : self.dn], w[:, self.dn :]  # [H, dn, r], [H, dv, r]
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # [B, H, T, r]
         # scores = (q_latent . c + q^R . k^R) * scale, heads folded into rows: [B, H*T, S]

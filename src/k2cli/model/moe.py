@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2cli.model.config import ModelConfig
+from k2cli.model.precision import Linear
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -37,9 +38,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -75,7 +76,12 @@ class Router(nn.Module):
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out]."""
+    """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out].
+
+    The float32 expert weights are cast to the activations' dtype here (autocast does not
+    cover torch._grouped_mm; a no-op in float32).
+    """
+    w = w.to(x.dtype)
     if x.shape[0] < w.shape[0] and x.device.type == "cpu":
         # Fewer rows than experts (decoding): most experts are idle. On CPU one matmul per busy
         # expert beats walking all E groups (and beats gathering each row's expert matrix: a

@@ -21,6 +21,7 @@ from k2cli.model.attention import MLAttention
 from k2cli.model.config import ModelConfig
 from k2cli.model.moe import DenseMLP, MoE, Router
 from k2cli.model.norm import RMSNorm
+from k2cli.model.precision import Linear
 from k2cli.model.rope import Rotary
 
 
@@ -64,6 +65,10 @@ class DecoderLayer(nn.Module):
 
 
 class K2Model(nn.Module):
+    # The dtype activations run in (model/precision.py; None: the weights' own dtype). Weights
+    # stay float32 whatever it is.
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -71,7 +76,7 @@ class K2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
@@ -115,6 +120,8 @@ class K2Model(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)  # float32 table, compute-dtype activations
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, stats)

@@ -303,7 +303,7 @@ class RLTask:
     @torch.no_grad()
     def old_logprobs(self, batch: dict, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_old(y|x) per row [N] and the per-row token NLL sums [N], with the current weights."""
-        from k2cli.train.loop import autocast_for
+        from k2cli.train.loop import precision_for
 
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -312,7 +312,7 @@ class RLTask:
         try:
             for s in range(0, batch["input_ids"].shape[0], chunk):
                 n = int(batch["length"][s: s + chunk].max())
-                with autocast_for(device, self.precision):
+                with precision_for(self.model, device, self.precision):
                     logits = self.model(batch["input_ids"][s: s + chunk, :n].to(device))
                 tok, sq = sequence_logprobs(logits, batch["targets"][s: s + chunk, :n].to(device))
                 seq.append(sq.float().cpu())

@@ -35,6 +35,7 @@ import torch
 
 from k2cli.errors import Interrupted, K2Error
 from k2cli.model.moe import update_router_biases
+from k2cli.model.precision import compute_dtype, resolve_precision
 from k2cli.model.transformer import ForwardStats
 from k2cli.optim.muon import OptimConfig, build_optimizer
 from k2cli.optim.schedule import ScheduleConfig, lr_at
@@ -57,7 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: activations; weights stay fp32
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
     track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
@@ -118,10 +119,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def precision_for(model, device: torch.device, precision: str):
+    """The context in which `model` computes in `precision` on `device` (model/precision.py)."""
+    return compute_dtype(model, resolve_precision(precision, device))
 
 
 @contextmanager
@@ -189,6 +189,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)  # the activations' dtype; weights stay float32
     model.to(device)
     clip_qk = optim_cfg.name == "muonclip"
 
@@ -219,7 +220,6 @@ def train(
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
     peak = cfg.peak_tflops or measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
-    amp = autocast_for(device, cfg.precision)
     progress = TrainProgress(title, cfg.steps, start, enabled=dist.is_main())
     history = []
     t_last = time.perf_counter()
@@ -241,7 +241,7 @@ def train(
                     stats = ForwardStats(track_max_logits=clip_qk or cfg.track_max_logits)
                     sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
-                        with amp:
+                        with compute_dtype(model, dtype):
                             part, extra = task.loss(forward_model, micro, stats)
                             bal = stats.balance_loss().to(device)
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
@@ -313,7 +313,7 @@ def train(
                 done = step + 1
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     model.eval()
-                    with torch.no_grad(), amp:
+                    with torch.no_grad(), compute_dtype(model, dtype):
                         record.update(task.evaluate(model))
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 history.append(record)
