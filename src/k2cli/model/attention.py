@@ -73,11 +73,12 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x, cos, sin, mask=None, cache=None, max_logits=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, max_logit: bool = False):
         """x [B, T, D]; cos/sin [B, T, dr/2]; mask: None (plain causal) or bool [B, 1, T, S].
 
         `cache` (a `KVCache`) receives this call's latents and returns the whole history.
-        `max_logits`, when a list, receives this layer's per-head max logit [H] (no grad).
+        Returns out [B, T, D], or with `max_logit` (out, per-head max logit [H], float32, no
+        grad; None when decoding over a cache, which training never does).
         """
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.dn, self.dr
@@ -93,7 +94,8 @@ class MLAttention(nn.Module):
             latent, k_rope = cache.append(self.layer_idx, latent, k_rope)  # [B, S, r], [B, S, dr]
             if past > 0 and T <= ABSORB_MAX_NEW_TOKENS:
                 out = self._absorbed(q_nope, q_rope, latent, k_rope, mask)
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+                out = self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+                return (out, None) if max_logit else out
 
         S = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, S, H, dn + self.dv).transpose(1, 2)  # [B, H, S, dn+dv]
@@ -102,11 +104,9 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         if mask is None and use_blocked(q):
             out, head_max = causal_attention(q, k, v, self.softmax_scale)  # [B, H, T, dv], [H]
-            if max_logits is not None:
-                max_logits.append(head_max)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
-        if max_logits is not None:
-            max_logits.append(per_head_max_logit(q, k, self.softmax_scale, mask))
+            out = self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+            return (out, head_max) if max_logit else out
+        head_max = per_head_max_logit(q, k, self.softmax_scale, mask) if max_logit else None
         causal = mask is None and T == S
         if mask is None and T != S:  # a chunk after a cache: token t sees the past and itself
             mask = _offset_causal_mask(T, S, x.device)
@@ -114,8 +114,8 @@ class MLAttention(nn.Module):
             # Fused (flash) kernels want values as wide as keys: pad with zeros, slice after.
             v = F.pad(v, (0, dn + dr - self.dv))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-        out = out[..., : self.dv]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+        out = self.o_proj(out[..., : self.dv].transpose(1, 2).reshape(B, T, H * self.dv))
+        return (out, head_max) if max_logit else out
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Attention computed over the latent cache: W_kvb folded into query and output.

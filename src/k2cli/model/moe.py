@@ -17,8 +17,8 @@ experts.
 Balancing, used by training:
   * aux-loss-free: after each step b_i -= rate if expert i was overloaded, += rate if
     underloaded (`update_router_biases`); the update is a sign rule, not a gradient.
-  * sequence-wise balance loss L = sum_i f_i P_i per sequence (returned in the forward
-    stats; the training loop weights it by a small alpha).
+  * sequence-wise balance loss L = sum_i f_i P_i per sequence (returned by `MoE.forward`
+    with stats=True, with the expert counts; the training loop weights it by a small alpha).
 """
 
 from __future__ import annotations
@@ -103,6 +103,13 @@ def _busy_experts(counts: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many (token, slot) pairs of idx chose each expert. (bincount's counts, with a
+    static output shape — bincount's depends on the data — so that torch.compile keeps one graph.)"""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as two 3-D tensors (Hugging Face's in-memory layout)."""
 
@@ -117,7 +124,7 @@ class Experts(nn.Module):
         N, K = idx.shape
         flat = idx.reshape(-1)  # [N*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         token = order // K  # [N*K] the token of each pair, in expert order
         xs = x.index_select(0, token)  # [N*K, D]
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)  # [N*K, I] each
@@ -141,15 +148,16 @@ class MoE(nn.Module):
             DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, stats=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: bool = False):
+        """x [B, T, D] -> out [B, T, D], or with `stats` (out, balance loss (scalar, grad), counts [E])."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         idx, weights, scores = self.gate(flat)
         out = self.experts(flat, idx, weights).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        if stats is not None:
-            stats.add_moe(self._balance_loss(idx, scores, B, T), torch.bincount(idx.reshape(-1), minlength=self.num_experts))
+        if stats:
+            return out, self._balance_loss(idx, scores, B, T), expert_counts(idx, self.num_experts)
         return out
 
     def _balance_loss(self, idx, scores, B: int, T: int) -> torch.Tensor:

@@ -134,9 +134,9 @@ class RLTask:
     def weight(self, micro: dict) -> float:
         return float(micro["unit"].sum())
 
-    def loss(self, model, micro: dict, stats) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, object]:
         n = int(micro["length"].max())  # trim the padding this micro-batch does not need
-        logits = model(micro["input_ids"][:, :n], stats=stats)  # [B, n, V]
+        logits, stats = model(micro["input_ids"][:, :n], stats=True, max_logits=max_logits)  # [B, n, V]
         tok_logp, seq_logp = sequence_logprobs(logits, micro["targets"][:, :n])  # [B, n], [B]
         kind, coef = micro["kind"], micro["coef"]
         rl = (kind == RL).float()
@@ -148,7 +148,7 @@ class RLTask:
         if bool(rl.any()):
             ratio = (seq_logp - micro["old_logp"]).detach()[rl.bool()]
             extras = {"log_ratio_mean": float(ratio.mean()), "log_ratio_abs_max": float(ratio.abs().max())}
-        return total, extras
+        return total, extras, stats
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

@@ -297,79 +297,9 @@ def wrap(model: torch.nn.Module, parallel: str = "ddp"):
             raise K2Error("train.parallel=fsdp needs FSDP2 (torch >= 2.6)", "upgrade torch or use train.parallel=ddp")
         for layer in getattr(model, "layers", []):
             fully_shard(layer)  # one all-gather per layer, resharded after its forward
-            _own_stats(layer)
         fully_shard(model)  # the rest: embeddings, final norm, lm_head
         return model
     raise K2Error(f"unknown train.parallel '{parallel}'", "use ddp or fsdp")
-
-
-# A decoder layer also reports side outputs into the ForwardStats it is handed: per-head max
-# logits and expert loads (no grad) and the MoE balance loss (with grad). FSDP2 treats every
-# argument of a sharded module as an input of its backward: it finds the balance losses that
-# EARLIER layers left in the stats, routes them through this layer's post-backward hook and hands
-# the layer a copy of the stats (dataclasses.replace), so this layer's balance loss never reaches
-# the caller and the earlier ones get their gradients mixed up: silently wrong gradients (a model
-# with a single MoE layer shows nothing). So each sharded layer works on fresh stats of its own,
-# handed over to the caller's after its forward; the balance loss is handed over "through" the
-# layer's output (_Tie/_Take), so that its gradient enters the layer's graph inside the layer's
-# own FSDP backward, when its weights are gathered, whatever order autograd picks.
-
-
-def _own_stats(layer: torch.nn.Module) -> None:
-    from k2cli.model.transformer import ForwardStats
-
-    def swap(module, args, kwargs):
-        args = list(args)
-        for seq, keys in ((args, range(len(args))), (kwargs, list(kwargs))):
-            for k in keys:
-                if isinstance(seq[k], ForwardStats):
-                    module._k2_stats = seq[k]
-                    seq[k] = ForwardStats(track_max_logits=seq[k].track_max_logits)
-        return tuple(args), kwargs
-
-    def hand_over(module, args, kwargs, out):
-        caller = module.__dict__.pop("_k2_stats", None)
-        if caller is None:
-            return out
-        mine = next(a for a in (*args, *kwargs.values()) if isinstance(a, ForwardStats))
-        caller.max_logits.extend(mine.max_logits)
-        caller.expert_counts.extend(mine.expert_counts)
-        for b in mine.balance_losses:
-            box = []  # b's gradient, from _Take (near the loss) to _Tie (inside the layer's backward)
-            out = _Tie.apply(out, b, box)
-            caller.balance_losses.append(_Take.apply(out, b.detach(), box))
-        return out
-
-    # prepend: before FSDP's own hooks, so that FSDP sees the fresh stats and the tied output
-    layer.register_forward_pre_hook(swap, with_kwargs=True, prepend=True)
-    layer.register_forward_hook(hand_over, with_kwargs=True, prepend=True)
-
-
-class _Tie(torch.autograd.Function):
-    """out -> a copy of out; in backward it also passes on the gradient that _Take parked for b."""
-
-    @staticmethod
-    def forward(ctx, out, b, box):
-        ctx.box = box
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out, (ctx.box.pop() if ctx.box else None), None
-
-
-class _Take(torch.autograd.Function):
-    """b's value, as a function of the tied output: its gradient is parked for _Tie."""
-
-    @staticmethod
-    def forward(ctx, out, b, box):
-        ctx.box = box
-        return b.clone()
-
-    @staticmethod
-    def backward(ctx, grad_b):
-        ctx.box.append(grad_b)
-        return None, None, None
 
 
 def no_sync(module):

@@ -6,7 +6,7 @@ is. Everything else is here, once:
     for each optimizer step:
         batch = task.batch(step)                       # a pure function of (seed, step)
         for each micro-batch (this rank's slice):      # gradient accumulation
-            loss_sum, stats = task.loss(model, micro)  # stats: MoE balance loss, expert loads, max logits
+            loss_sum, extras, stats = task.loss(model, micro, max_logits)  # stats: MoE balance loss, loads, max logits
             backward((loss_sum / units in the global batch) + alpha * balance loss)
         clip the gradient norm; set the scheduled lr; optimizer step (Muon / AdamW)
         QK-Clip on heads whose max logit exceeded tau           (MuonClip)
@@ -90,7 +90,9 @@ class Task(Protocol):
 
     def weight(self, micro: dict) -> float: ...  # loss units in a micro-batch (e.g. target tokens)
 
-    def loss(self, model, micro: dict, stats: ForwardStats) -> tuple[torch.Tensor, dict]: ...  # (SUM, extra sums)
+    # (loss SUM, extra metric sums, the model's ForwardStats): the task runs
+    # model(ids, stats=True, max_logits=max_logits) and returns the stats with its loss
+    def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, ForwardStats]: ...
 
     def evaluate(self, model) -> dict: ...  # e.g. {"val_loss": ...}
 
@@ -238,22 +240,21 @@ def train(
                 max_logits, loads, extras, tokens = None, None, {}, 0
                 for i, micro in enumerate(micros):
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
-                    stats = ForwardStats(track_max_logits=clip_qk or cfg.track_max_logits)
                     sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
                         with compute_dtype(model, dtype):
-                            part, extra = task.loss(forward_model, micro, stats)
-                            bal = stats.balance_loss().to(device)
+                            part, extra, stats = task.loss(forward_model, micro, clip_qk or cfg.track_max_logits)
+                            bal = stats.balance_loss.to(device)
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
                         # global SUM / units; the balance loss is a per-rank mean, averaged as it is
                         (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
                     loss_sum += part.detach().float()
                     balance += bal.detach().float() / len(micros)
                     tokens += int(micro["input_ids"].numel())
-                    m = stats.max_logit_matrix()
+                    m = stats.max_logits
                     if m is not None:
                         max_logits = m if max_logits is None else torch.maximum(max_logits, m)
-                    ld = stats.load_matrix()
+                    ld = stats.expert_counts
                     if ld is not None:
                         loads = ld.float() if loads is None else loads + ld.float()
                     for k, v in extra.items():
