@@ -82,6 +82,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     cover torch._grouped_mm; a no-op in float32).
     """
     w = w.to(x.dtype)
+    if torch.compiler.is_compiling():
+        # One opaque op for dynamo/inductor (whose meta kernel for _grouped_mm accepts bf16 only):
+        # the graph stays whole, and no .tolist() of the paths below enters it.
+        return _compiled_grouped_mm(x, w, counts.cumsum(0).to(torch.int32))
     if x.shape[0] < w.shape[0] and x.device.type == "cpu":
         # Fewer rows than experts (decoding): most experts are idle. On CPU one matmul per busy
         # expert beats walking all E groups (and beats gathering each row's expert matrix: a
@@ -89,8 +93,54 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         return torch.cat([x[s : s + n] @ w[e] for e, s, n in _busy_experts(counts)])
     if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # Fallback (old torch, float32 on CUDA, float64 anywhere): one matmul per expert slice.
+    return _per_expert_mm(x, w, counts)
+
+
+def _per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Fallback (old torch, float32 on CUDA, float64 anywhere): one matmul per expert slice."""
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+@torch.library.custom_op("k2::grouped_mm", mutates_args=())
+def _compiled_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [N, in] (rows sorted by expert), w [E, in, out], offs [E] int32 row ends -> [N, out]."""
+    if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
+        return torch._grouped_mm(x, w, offs=offs)
+    return _per_expert_mm(x, w, torch.diff(offs, prepend=offs.new_zeros(1)))
+
+
+@_compiled_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("k2::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dW[e] = x_e^T dy_e for each expert's rows: x [N, in], dy [N, out] -> [E, in, out]."""
+    if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
+        return torch._grouped_mm(x.t(), dy, offs=offs)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.stack([xe.t() @ ye for xe, ye in zip(x.split(counts), dy.split(counts))])
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors  # y = x_e w_e per expert: dx_e = dy_e w_e^T, dw_e = x_e^T dy_e
+    dx = _compiled_grouped_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_weight_grad(x, dy, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_compiled_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _busy_experts(counts: torch.Tensor) -> list[tuple[int, int, int]]:

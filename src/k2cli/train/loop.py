@@ -126,6 +126,36 @@ def precision_for(model, device: torch.device, precision: str):
     return compute_dtype(model, resolve_precision(precision, device))
 
 
+def to_host(named: dict) -> dict:
+    """A step's logged tensors in ONE device-to-host transfer: name -> float (0-d), list (1-d) or
+    list of lists (2-d). float32 and integer values convert exactly."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in named.values()]).tolist()
+    out, i = {}, 0
+    for k, t in named.items():
+        vals, i = flat[i : i + t.numel()], i + t.numel()
+        if t.dim() == 2:
+            vals = [vals[r * t.shape[1] : (r + 1) * t.shape[1]] for r in range(t.shape[0])]
+        out[k] = vals[0] if t.dim() == 0 else vals
+    return out
+
+
+@contextmanager
+def compile_errors(compiling: bool):
+    """train.compile=true: a failure inside torch.compile becomes one clear K2Error (never a silent
+    fall back to eager)."""
+    if not compiling:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise K2Error(f"train.compile=true: torch.compile failed ({type(e).__name__}: {first})",
+                      "turn compilation off with --set train.compile=false") from e
+
+
 @contextmanager
 def stop_signals():
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps (a second SIGINT kills)."""
@@ -194,6 +224,7 @@ def train(
     dtype = resolve_precision(cfg.precision, device)  # the activations' dtype; weights stay float32
     model.to(device)
     clip_qk = optim_cfg.name == "muonclip"
+    track_max_logits = clip_qk or cfg.track_max_logits
 
     start = 0
     resumed_from = None
@@ -218,7 +249,8 @@ def train(
     if ckpt is not None:
         load_optimizer_state(ckpt, optimizer)
     if cfg.compile:
-        forward_model = torch.compile(forward_model)
+        # one graph for the whole forward (fullgraph: a graph break is an error, not a slow path)
+        forward_model = torch.compile(forward_model, fullgraph=True)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
     peak = cfg.peak_tflops or measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
@@ -242,32 +274,25 @@ def train(
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
                     sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
-                        with compute_dtype(model, dtype):
-                            part, extra, stats = task.loss(forward_model, micro, clip_qk or cfg.track_max_logits)
+                        with compute_dtype(model, dtype), compile_errors(cfg.compile):
+                            part, extra, stats = task.loss(forward_model, micro, track_max_logits)
                             bal = stats.balance_loss.to(device)
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
                         # global SUM / units; the balance loss is a per-rank mean, averaged as it is
-                        (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
+                        with compile_errors(cfg.compile):
+                            (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
                     loss_sum += part.detach().float()
                     balance += bal.detach().float() / len(micros)
-                    tokens += int(micro["input_ids"].numel())
+                    tokens += micro["input_ids"].numel()
                     m = stats.max_logits
                     if m is not None:
                         max_logits = m if max_logits is None else torch.maximum(max_logits, m)
                     ld = stats.expert_counts
                     if ld is not None:
                         loads = ld.float() if loads is None else loads + ld.float()
-                    for k, v in extra.items():
-                        extras[k] = extras.get(k, 0.0) + float(v)
+                    for k, v in extra.items():  # tensors stay on the device until the one transfer below
+                        extras[k] = extras.get(k, 0.0) + v
 
-                loss = float(dist.all_reduce_sum(loss_sum) / units)
-                if not math.isfinite(loss):
-                    last = latest_checkpoint(run_dir)
-                    raise K2Error(
-                        f"{title}: the loss became {loss} at step {step + 1}; "
-                        + (f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written yet"),
-                        "lower optim.lr, raise schedule.warmup_steps, or use train.grad_clip",
-                    )
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
@@ -277,24 +302,47 @@ def train(
                 optimizer.set_lr(lr)
                 optimizer.step()
 
-                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+                # Everything logged is gathered on the device and crosses to the host ONCE per step
+                # (the step itself never waits on the host: no .item()/.tolist() before this point).
+                logged = {"loss": dist.all_reduce_sum(loss_sum) / units, "grad_norm": grad_norm}
                 if max_logits is not None:
-                    max_logits = dist.all_reduce_max(max_logits)
-                    record["max_logit"] = float(max_logits.max())
-                    record["max_logit_per_layer"] = max_logits.max(dim=1).values.tolist()
+                    logged["max_logits"] = max_logits = dist.all_reduce_max(max_logits)
                     if clip_qk:
-                        clipped = optimizer.clip_qk(max_logits)
-                        record["heads_clipped"] = [int(c) for c in clipped]
-                        record["heads_clipped_total"] = int(clipped.sum())
+                        logged["clipped"] = optimizer.clip_qk(max_logits)
                 if loads is not None:
                     loads = dist.all_reduce_sum(loads)
                     if cfg.bias_update_rate > 0:
                         update_router_biases(model.routers(), loads, cfg.bias_update_rate)
-                    imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).tolist()
+                    logged["imbalance"] = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # [L_moe]
+                    logged["expert_load"] = loads / loads.sum(dim=1, keepdim=True)  # [L_moe, E]
+                    logged["balance"] = dist.all_reduce_sum(balance) / dist.world_size()
+                if extras:  # task metrics, averaged over micro-batches (and ranks)
+                    sums = torch.stack([torch.as_tensor(extras[k], dtype=torch.float64, device=device) for k in sorted(extras)])
+                    logged["extras"] = dist.all_reduce_sum(sums) / dist.world_size()
+                host = to_host(logged)
+
+                loss = host["loss"]
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(run_dir)
+                    raise K2Error(
+                        f"{title}: the loss became {loss} at step {step + 1}; "
+                        + (f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written yet"),
+                        "lower optim.lr, raise schedule.warmup_steps, or use train.grad_clip",
+                    )
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": host["grad_norm"]}
+                if "max_logits" in host:
+                    per_layer = [max(row) for row in host["max_logits"]]
+                    record["max_logit"] = max(per_layer)
+                    record["max_logit_per_layer"] = per_layer
+                    if clip_qk:
+                        record["heads_clipped"] = [int(c) for c in host["clipped"]]
+                        record["heads_clipped_total"] = sum(record["heads_clipped"])
+                if "imbalance" in host:
+                    imbalance = host["imbalance"]
                     record["expert_imbalance"] = sum(imbalance) / len(imbalance)
                     record["expert_imbalance_per_layer"] = imbalance
-                    record["expert_load"] = (loads / loads.sum(dim=1, keepdim=True)).tolist()
-                    record["balance_loss"] = float(dist.all_reduce_sum(balance) / dist.world_size())
+                    record["expert_load"] = host["expert_load"]
+                    record["balance_loss"] = host["balance"]
 
                 now = time.perf_counter()
                 global_tokens = tokens * dist.world_size()
@@ -302,10 +350,7 @@ def train(
                 record["tokens_per_s"] = global_tokens / max(now - t_last, 1e-9)
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * dist.world_size())
                 record["elapsed_s"] = now - t_begin
-                if dist.world_size() > 1 and extras:  # task metrics, averaged over micro-batches and ranks
-                    sums = dist.all_reduce_sum(torch.tensor([extras[k] for k in sorted(extras)], device=device))
-                    extras = dict(zip(sorted(extras), (sums / dist.world_size()).tolist()))
-                for k, v in extras.items():
+                for k, v in zip(sorted(extras), host.get("extras", [])):
                     record[k] = v / len(micros)
                 if hasattr(task, "step_metrics"):
                     record.update(task.step_metrics())
