@@ -76,7 +76,7 @@ class _CausalAttention(torch.autograd.Function):
         offset = S - T
         dtype, acc = q.dtype, _softmax_dtype(q.dtype)
         qf, kf, vf = q.reshape(B * H, T, d), k.reshape(B * H, S, d), v.reshape(B * H, S, dv)
-        out = q.new_empty(B * H, T, dv)
+        out = []  # per block [BH, rows, dv] (concatenated, not written into slices with out=: torch.compile needs that)
         lse = q.new_empty(B * H, T, dtype=acc)  # row log-sum-exp of the scaled scores, for a recomputing backward
         head_max = torch.full((H,), float("-inf"), dtype=torch.float32, device=q.device)
         n = BLOCK_ROWS
@@ -92,9 +92,10 @@ class _CausalAttention(torch.autograd.Function):
             total = p.sum(dim=-1, keepdim=True)
             p.div_(total)
             lse[:, s:e] = (m + total.log()).squeeze(-1)
-            torch.bmm(p.to(dtype), vf[:, : offset + e], out=out[:, s:e])
+            out.append(torch.bmm(p.to(dtype), vf[:, : offset + e]))
             if keep:
                 probs.append(p)
+        out = torch.cat(out, dim=1)  # [BH, T, dv]
         if grad:
             ctx.save_for_backward(qf, kf, vf, out, lse)
             ctx.probs, ctx.scale, ctx.n, ctx.shape = probs, scale, n, (B, H, T, S, d, dv)
@@ -109,7 +110,7 @@ class _CausalAttention(torch.autograd.Function):
         dtype, acc = qf.dtype, lse.dtype
         do = d_out.reshape(B * H, T, dv).to(dtype)
         D = (do.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # [BH, T, 1]
-        dq, dk, dvv = torch.empty_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        dq, dk, dvv = [], torch.zeros_like(kf), torch.zeros_like(vf)
         for i, s in enumerate(range(0, T, n)):
             e = min(T, s + n)
             kv = offset + e
@@ -119,9 +120,10 @@ class _CausalAttention(torch.autograd.Function):
                 p = _block_scores(qf, kf, s, e, offset, scale).to(acc).sub_(lse[:, s:e, None]).exp_()
             dvv[:, :kv].baddbmm_(p.to(dtype).mT, do[:, s:e])
             ds = torch.bmm(do[:, s:e], vf[:, :kv].mT).to(acc).sub_(D[:, s:e]).mul_(p).to(dtype)  # dS = p * (dP - D)
-            torch.bmm(ds, kf[:, :kv], out=dq[:, s:e])
+            dq.append(torch.bmm(ds, kf[:, :kv]))
             dk[:, :kv].baddbmm_(ds.mT, qf[:, s:e])
         ctx.probs = None
+        dq = torch.cat(dq, dim=1)
         dq.mul_(scale)
         dk.mul_(scale)
         return dq.view(B, H, T, d), dk.view(B, H, S, d), dvv.view(B, H, S, dv), None

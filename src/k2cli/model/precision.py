@@ -63,6 +63,18 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def inference_dtype(model: nn.Module, device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The compute dtype for generation and serving: the caller's if it set one (the training loop
+    does), else `precision` on `device` — auto: bf16 on a CUDA GPU with bf16, the weights' own
+    dtype elsewhere (None: nothing changes on CPU)."""
+    current = unwrap(model).compute_dtype
+    if precision == "auto":
+        if current is not None:
+            return current
+        return torch.bfloat16 if device.type == "cuda" and bf16_supported(device) else None
+    return resolve_precision(precision, device)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / torch.compile wrappers (FSDP2 shards in place: no wrapper)."""
     while True:

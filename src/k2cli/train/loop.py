@@ -259,7 +259,8 @@ def train(
     t_last = time.perf_counter()
     t_begin = t_last
 
-    with stop_signals() as stop:
+    # the whole run computes in `dtype`: the task's batches (RL rollouts), losses and evaluations
+    with stop_signals() as stop, compute_dtype(model, dtype):
         try:
             for step in range(start, cfg.steps):
                 model.train()
@@ -274,7 +275,7 @@ def train(
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
                     sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
-                        with compute_dtype(model, dtype), compile_errors(cfg.compile):
+                        with compile_errors(cfg.compile):
                             part, extra, stats = task.loss(forward_model, micro, track_max_logits)
                             bal = stats.balance_loss.to(device)
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
@@ -359,7 +360,7 @@ def train(
                 done = step + 1
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     model.eval()
-                    with torch.no_grad(), compute_dtype(model, dtype):
+                    with torch.no_grad():
                         record.update(task.evaluate(model))
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 history.append(record)
