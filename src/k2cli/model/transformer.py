@@ -1,7 +1,7 @@
 """The K2 model: embeddings -> [MLA + (dense MLP | MoE)] x L -> RMSNorm -> LM head.
 
 Written for a single device; data parallelism and sharding are applied from outside
-(`k2cli.train.distributed`). Module names mirror Hugging Face's DeepseekV3 (without its
+(`k2cli.parallel`). Module names mirror Hugging Face's DeepseekV3 (without its
 `model.` prefix), so the HF adapter in `hf.py` is a rename plus an expert split.
 
     model(input_ids)                                 -> logits [B, T, V]

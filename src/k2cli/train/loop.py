@@ -16,7 +16,7 @@ is. Everything else is here, once:
 Dividing every micro-batch's loss SUM by the unit count of the whole global batch makes the
 accumulated gradient identical to one big batch, on one rank or many.
 
-Under torchrun (see train/distributed.py and docs/distributed.md) the same function runs on
+Under torchrun (see k2cli/parallel/, train/distributed.py and docs/distributed.md) the same function runs on
 every rank: it joins the process group, wraps the model for `train.parallel` (ddp | fsdp),
 trains on this rank's disjoint rows of each global batch, and only rank 0 logs and writes.
 """
@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from k2cli import parallel
 from k2cli.errors import Interrupted, K2Error
 from k2cli.model.moe import update_router_biases
 from k2cli.model.precision import compute_dtype, resolve_precision
@@ -73,9 +74,9 @@ class TrainConfig:
             raise K2Error(f"train.seq_len must be >= 2, got {self.seq_len}", "set a longer sequence length")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise K2Error(f"unknown train.precision '{self.precision}'", "use auto, fp32 or bf16")
-        if self.parallel not in dist.PARALLEL:
+        if self.parallel not in parallel.PARALLEL:
             raise K2Error(f"unknown train.parallel '{self.parallel}'", "use ddp or fsdp")
-        world = dist.launched_world_size()  # under torchrun, known before the process group exists
+        world = parallel.launched_world_size()  # under torchrun, known before the process group exists
         if self.batch_size % world:
             raise K2Error(f"train.batch_size={self.batch_size} sequences do not split over {world} ranks",
                           f"make train.batch_size a multiple of the world size ({world})")
@@ -116,8 +117,8 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise K2Error(f"train.device={name} but no CUDA device is available", "use --set train.device=cpu")
-    if name == "cuda" and dist.is_distributed():
-        return torch.device("cuda", dist.local_rank())  # each rank on its own GPU
+    if name == "cuda" and parallel.is_distributed():
+        return torch.device("cuda", parallel.local_rank())  # each rank on its own GPU
     return torch.device(name)
 
 
@@ -185,7 +186,7 @@ def split_batch(batch: dict, size: int) -> list[dict]:
 
 def local_slice(batch: dict) -> dict:
     """This rank's disjoint share of the global batch."""
-    world, r = dist.world_size(), dist.rank()
+    world, r = parallel.world_size(), parallel.rank()
     if world == 1:
         return batch
     n = next(iter(batch.values())).shape[0]
@@ -195,7 +196,7 @@ def local_slice(batch: dict) -> dict:
     return {k: v[r * per : (r + 1) * per] for k, v in batch.items()}
 
 
-@dist.report_lost_ranks()  # under torchrun: a dead or hung rank -> one clear K2Error, not a hang
+@parallel.report_lost_ranks()  # under torchrun: a dead or hung rank -> one clear K2Error, not a hang
 def train(
     model,
     task: Task,
@@ -213,7 +214,7 @@ def train(
     resume: "auto" continues from the run directory's latest checkpoint if there is one,
     "yes" requires one, "no" starts over. `wrap(model) -> forward module` applies
     data parallelism or sharding from outside; by default, under torchrun, `train.parallel`
-    picks DDP or FSDP2 (train.distributed.wrap). The optimizer always sees the unwrapped
+    picks DDP or FSDP2 (parallel.wrap). The optimizer always sees the unwrapped
     model. FSDP shards `model` in place: use the returned `RunResult.model` (whole weights).
     """
     cfg.validate()
@@ -229,7 +230,7 @@ def train(
     start = 0
     resumed_from = None
     # rank 0 decides, so that every rank resumes from the same checkpoint (on shared storage)
-    ckpt = dist.broadcast_object(latest_checkpoint(run_dir) if resume != "no" and dist.is_main() else None)
+    ckpt = parallel.broadcast_object(latest_checkpoint(run_dir) if resume != "no" and parallel.is_main() else None)
     if resume == "yes" and ckpt is None:
         raise K2Error(f"nothing to resume: {run_dir} has no checkpoint", "drop --resume to start a new run")
     if ckpt is not None:
@@ -237,24 +238,24 @@ def train(
         start = resumed_from = state["step"]
         if hasattr(task, "load_state_dict"):
             task.load_state_dict(state.get("extra", {}).get("task"))
-        if dist.is_main():
+        if parallel.is_main():
             from k2cli.console import info
 
             info(f"[yellow]resuming[/] {title} from step {start} ({ckpt})")
     if start >= cfg.steps:
         return RunResult(model, start, [], run_dir, resumed_from)
 
-    forward_model = wrap(model) if wrap else dist.wrap(model, cfg.parallel)  # FSDP makes model's params shards
+    forward_model = wrap(model) if wrap else parallel.wrap(model, cfg.parallel)  # FSDP makes model's params shards
     optimizer = build_optimizer(model, optim_cfg)  # on the (possibly sharded) parameters
     if ckpt is not None:
         load_optimizer_state(ckpt, optimizer)
     if cfg.compile:
         # one graph for the whole forward (fullgraph: a graph break is an error, not a slow path)
         forward_model = torch.compile(forward_model, fullgraph=True)
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if parallel.is_main() else None
     peak = cfg.peak_tflops or measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
-    progress = TrainProgress(title, cfg.steps, start, enabled=dist.is_main())
+    progress = TrainProgress(title, cfg.steps, start, enabled=parallel.is_main())
     history = []
     t_last = time.perf_counter()
     t_begin = t_last
@@ -266,14 +267,14 @@ def train(
                 model.train()
                 micros = split_batch(local_slice(task.batch(step)), cfg.micro_batch_size)
                 units = torch.tensor(float(sum(task.weight(m) for m in micros)), device=device)
-                units = dist.all_reduce_sum(units).clamp(min=1.0)
+                units = parallel.all_reduce_sum(units).clamp(min=1.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=device)
                 balance = torch.zeros((), device=device)
                 max_logits, loads, extras, tokens = None, None, {}, 0
                 for i, micro in enumerate(micros):
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
-                    sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
+                    sync = parallel.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
                         with compile_errors(cfg.compile):
                             part, extra, stats = task.loss(forward_model, micro, track_max_logits)
@@ -281,7 +282,7 @@ def train(
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
                         # global SUM / units; the balance loss is a per-rank mean, averaged as it is
                         with compile_errors(cfg.compile):
-                            (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
+                            (part * parallel.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
                     loss_sum += part.detach().float()
                     balance += bal.detach().float() / len(micros)
                     tokens += micro["input_ids"].numel()
@@ -298,28 +299,28 @@ def train(
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                grad_norm = dist.full_tensor(grad_norm)  # FSDP: a DTensor of partial norms
+                grad_norm = parallel.full_tensor(grad_norm)  # FSDP: a DTensor of partial norms
                 lr = lr_at(step, cfg.steps, optim_cfg.lr, schedule_cfg)
                 optimizer.set_lr(lr)
                 optimizer.step()
 
                 # Everything logged is gathered on the device and crosses to the host ONCE per step
                 # (the step itself never waits on the host: no .item()/.tolist() before this point).
-                logged = {"loss": dist.all_reduce_sum(loss_sum) / units, "grad_norm": grad_norm}
+                logged = {"loss": parallel.all_reduce_sum(loss_sum) / units, "grad_norm": grad_norm}
                 if max_logits is not None:
-                    logged["max_logits"] = max_logits = dist.all_reduce_max(max_logits)
+                    logged["max_logits"] = max_logits = parallel.all_reduce_max(max_logits)
                     if clip_qk:
                         logged["clipped"] = optimizer.clip_qk(max_logits)
                 if loads is not None:
-                    loads = dist.all_reduce_sum(loads)
+                    loads = parallel.all_reduce_sum(loads)
                     if cfg.bias_update_rate > 0:
                         update_router_biases(model.routers(), loads, cfg.bias_update_rate)
                     logged["imbalance"] = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # [L_moe]
                     logged["expert_load"] = loads / loads.sum(dim=1, keepdim=True)  # [L_moe, E]
-                    logged["balance"] = dist.all_reduce_sum(balance) / dist.world_size()
+                    logged["balance"] = parallel.all_reduce_sum(balance) / parallel.world_size()
                 if extras:  # task metrics, averaged over micro-batches (and ranks)
                     sums = torch.stack([torch.as_tensor(extras[k], dtype=torch.float64, device=device) for k in sorted(extras)])
-                    logged["extras"] = dist.all_reduce_sum(sums) / dist.world_size()
+                    logged["extras"] = parallel.all_reduce_sum(sums) / parallel.world_size()
                 host = to_host(logged)
 
                 loss = host["loss"]
@@ -346,10 +347,10 @@ def train(
                     record["balance_loss"] = host["balance"]
 
                 now = time.perf_counter()
-                global_tokens = tokens * dist.world_size()
+                global_tokens = tokens * parallel.world_size()
                 record["tokens"] = global_tokens
                 record["tokens_per_s"] = global_tokens / max(now - t_last, 1e-9)
-                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * dist.world_size())
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * parallel.world_size())
                 record["elapsed_s"] = now - t_begin
                 for k, v in zip(sorted(extras), host.get("extras", [])):
                     record[k] = v / len(micros)
@@ -368,7 +369,7 @@ def train(
                     log.write(record)
                 progress.update(done, record)
 
-                stopping = dist.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
+                stopping = parallel.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
                 if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
                     # every rank takes part (shards and momentum are gathered); rank 0 writes
                     task_state = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
@@ -382,6 +383,6 @@ def train(
                     )
         finally:
             progress.close()
-    model = dist.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
+    model = parallel.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
     model.eval()
     return RunResult(model, cfg.steps, history, run_dir, resumed_from)
