@@ -82,6 +82,15 @@ def test_bad_precision_or_device_is_a_clean_error(monkeypatch, k2):
     assert_clean_error(k2(*short, *BF16, ok=False), "no bfloat16 support", "train.precision=fp32")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_serving_on_a_missing_gpu_is_a_clean_error(k2):
+    from helpers import PEOPLE, model_artifact
+
+    model = model_artifact([f"{n} lives in {c}." for n, c, _ in PEOPLE] * 5)
+    for command in ("chat", "serve"):
+        assert_clean_error(k2(command, model.path, "--device", "cuda", ok=False), "no CUDA device", "--device cpu")
+
+
 def test_micro_chain_trains_in_bf16(k2):
     """pretrain -> extend-context -> sft -> rl, each a few steps in bf16 on CPU."""
     from k2cli.artifacts import open_artifact

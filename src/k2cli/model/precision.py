@@ -41,6 +41,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+def check_device(name) -> torch.device:
+    """The torch device `name` (cpu, cuda, cuda:1, ...), or a K2Error when this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise K2Error(f"unknown device '{name}'", "use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise K2Error(f"device {name} asked for, but no CUDA device is available", "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise K2Error(f"device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                      "use --device cuda:0")
+    return device
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
