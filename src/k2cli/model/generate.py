@@ -26,7 +26,7 @@ class KVCache:
     def __init__(self, model: K2Model, batch: int, max_len: int, device=None, dtype=None):
         cfg = model.config
         p = next(model.parameters())
-        device, dtype = device or p.device, dtype or model.compute_dtype or p.dtype  # the activations' dtype
+        device, dtype = device or p.device, dtype or getattr(model, "compute_dtype", None) or p.dtype  # the activations' dtype
         L = cfg.num_hidden_layers
         self.latent = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)

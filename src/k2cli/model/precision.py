@@ -81,7 +81,7 @@ def inference_dtype(model: nn.Module, device: torch.device, precision: str = "au
     """The compute dtype for generation and serving: the caller's if it set one (the training loop
     does), else `precision` on `device` — auto: bf16 on a CUDA GPU with bf16, the weights' own
     dtype elsewhere (None: nothing changes on CPU)."""
-    current = unwrap(model).compute_dtype
+    current = getattr(unwrap(model), "compute_dtype", None)
     if precision == "auto":
         if current is not None:
             return current
@@ -102,7 +102,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def compute_dtype(model: nn.Module, dtype: torch.dtype):
     """Run `model`'s activations in `dtype` inside the block (restored after)."""
     core = unwrap(model)
-    old = core.compute_dtype
+    old = getattr(core, "compute_dtype", None)
     core.compute_dtype = dtype
     try:
         yield

@@ -110,7 +110,7 @@ class BatchCache:
         cfg = model.config
         p = next(model.parameters())
         L = cfg.num_hidden_layers
-        dtype = model.compute_dtype or p.dtype  # the activations' dtype (bf16 on CUDA, see Engine)
+        dtype = getattr(model, "compute_dtype", None) or p.dtype  # the activations' dtype (bf16 on CUDA, see Engine)
         latent = torch.zeros(L, batch, capacity, cfg.kv_lora_rank, device=p.device, dtype=dtype)
         k_rope = torch.zeros(L, batch, capacity, cfg.qk_rope_head_dim, device=p.device, dtype=dtype)
         return cls(latent, k_rope, 0, pads)
