@@ -49,7 +49,8 @@ from k2cli.model.generate import generate  # noqa: E402
 from k2cli.model.hf import write_hf_dir  # noqa: E402
 from k2cli.model.io import state_dict_for_saving  # noqa: E402
 from k2cli.model.moe import DenseMLP, update_router_biases  # noqa: E402
-from k2cli.model.transformer import ForwardStats, build_model  # noqa: E402
+from k2cli.model.precision import compute_dtype  # noqa: E402
+from k2cli.model.transformer import build_model  # noqa: E402
 from k2cli.optim.muon import OptimConfig, build_optimizer, orthogonalize  # noqa: E402
 from k2cli.train.lm_task import LMTask  # noqa: E402
 from k2cli.train.mfu import device_peak, mfu  # noqa: E402
@@ -80,9 +81,8 @@ def load_pair(preset: str, device: str):
 
 def k2_train_step(model, inputs, targets):
     """forward + backward as the training loop does it (statistic and balance loss included)."""
-    stats = ForwardStats(track_max_logits=True)
-    logits = model(inputs, stats=stats)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + 1e-4 * stats.balance_loss()
+    logits, stats = model(inputs, stats=True, max_logits=True)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + 1e-4 * stats.balance_loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     return stats
@@ -145,9 +145,8 @@ def bench_breakdown(preset: str, micro: int, seq: int, global_batch: int, repeat
     micro_batch = {k: v[:micro].to(device) for k, v in data().items()}
 
     def forward(track: bool):
-        stats = ForwardStats(track_max_logits=track)
-        loss, _ = task.loss(model, micro_batch, stats)
-        return loss / micro_batch["targets"].numel() + 1e-4 * stats.balance_loss(), stats
+        loss, _, stats = task.loss(model, micro_batch, track)
+        return loss / micro_batch["targets"].numel() + 1e-4 * stats.balance_loss, stats
 
     def fwd_bwd():  # returns (forward s, backward s)
         sync()
@@ -166,7 +165,7 @@ def bench_breakdown(preset: str, micro: int, seq: int, global_batch: int, repeat
         model.zero_grad(set_to_none=True)
         f, b, stats = fwd_bwd()
         fw.append(f), bw.append(b), pk.append(time_one(peak, 1, warmup=0))
-    max_logits, loads = stats.max_logit_matrix(), stats.load_matrix().float()
+    max_logits, loads = stats.max_logits, stats.expert_counts.float()
 
     # the statistic inside k2's forward: forward with it minus forward without, interleaved
     with torch.no_grad():
@@ -299,7 +298,7 @@ def bench_moe(preset: str, batch: int, seq: int, repeats: int, device: str) -> d
 
     def run(layer, k2_moe=False):
         def f():
-            y = layer(x, stats=ForwardStats()) if k2_moe else layer(x)  # k2's MoE also records loads and balance loss
+            y = layer(x, stats=True)[0] if k2_moe else layer(x)  # k2's MoE also returns loads and balance loss
             y.backward(grad)
             x.grad = None
             layer.zero_grad(set_to_none=True)
@@ -334,12 +333,11 @@ def bench_gpu(preset: str, batch: int, seq: int, repeats: int, device: str = "cu
     amp = lambda: torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
 
     def k2_step(m, track, backend="auto"):
-        def run():
+        def run():  # k2's explicit precision policy (model/precision.py): weights cast at use, no autocast
             attention.ATTENTION_BACKEND = backend
-            with amp():
-                stats = ForwardStats(track_max_logits=track)
-                logits = m(inputs, stats=stats)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss()
+            with compute_dtype(model, dtype):
+                logits, stats = m(inputs, stats=True, max_logits=track)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss
             loss.backward()
             model.zero_grad(set_to_none=True)
             attention.ATTENTION_BACKEND = "auto"

@@ -8,7 +8,7 @@ Profiles (CPU, float32):
   optim-small  one MuonClip optimizer step of the small preset (Newton-Schulz for all Muon matrices)
   decode-tiny  `generate`, batch 1, prompt 512, 32 new tokens
 
-Only public APIs are used (build_model, ForwardStats, generate, build_optimizer), so the same
+Only public APIs are used (build_model, model(..., stats=True), generate, build_optimizer), so the same
 script profiles an older checkout: `PYTHONPATH=<old checkout>/src python benchmarks/profile_model.py
 --label before --write` records the "before" next to the "after". With --write each label is a
 section of benchmarks/RESULTS.md.
@@ -30,7 +30,7 @@ from common import load_average, write_section  # noqa: E402
 
 from k2cli.model.config import ModelConfig  # noqa: E402
 from k2cli.model.generate import generate  # noqa: E402
-from k2cli.model.transformer import ForwardStats, build_model  # noqa: E402
+from k2cli.model.transformer import build_model  # noqa: E402
 from k2cli.optim.muon import OptimConfig, build_optimizer  # noqa: E402
 
 # Operator families for the summary line.
@@ -50,9 +50,8 @@ def workloads():
         x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
 
         def step():
-            stats = ForwardStats(track_max_logits=True)
-            logits = model(x[:, :-1], stats=stats)
-            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + 1e-4 * stats.balance_loss()
+            logits, stats = model(x[:, :-1], stats=True, max_logits=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + 1e-4 * stats.balance_loss
             loss.backward()
             model.zero_grad(set_to_none=True)
 

@@ -22,7 +22,7 @@ from k2cli.model.transformer import build_model
 from k2cli.optim.muon import OptimConfig, assign_owners, build_optimizer, ns_cost
 from k2cli.optim.schedule import ScheduleConfig
 from k2cli.train import checkpoint
-from k2cli.train import distributed as dist
+from k2cli import parallel
 from k2cli.train import loop
 from k2cli.train.loop import TrainConfig, local_slice, train
 from k2cli.train.progress import read_metrics
@@ -97,7 +97,7 @@ class HangAt:
         self.tokens_per_sequence = task.tokens_per_sequence
 
     def batch(self, step):
-        if step == self.step and dist.rank() == 1:
+        if step == self.step and parallel.rank() == 1:
             deadline = time.time() + 60
             while not self.release.exists() and time.time() < deadline:
                 time.sleep(0.1)
@@ -276,14 +276,14 @@ def test_ranks_get_disjoint_rows_and_resume_needs_only_the_step(monkeypatch):
         batch = task.batch(step)
         assert torch.equal(batch["input_ids"], make_task(batch=8).batch(step)["input_ids"])  # pure in (seed, step)
         for world in (2, 4):
-            monkeypatch.setattr(dist, "world_size", lambda: world)
+            monkeypatch.setattr(parallel, "world_size", lambda: world)
             parts = []
             for r in range(world):
-                monkeypatch.setattr(dist, "rank", lambda: r)
+                monkeypatch.setattr(parallel, "rank", lambda: r)
                 parts.append(local_slice(batch)["input_ids"])
             assert all(p.shape[0] == 8 // world for p in parts)
             assert torch.equal(torch.cat(parts), batch["input_ids"])  # disjoint, in order, nothing left out
-        monkeypatch.setattr(dist, "world_size", lambda: 3)
+        monkeypatch.setattr(parallel, "world_size", lambda: 3)
         with pytest.raises(K2Error, match="does not split over 3 ranks"):
             local_slice(batch)
 

@@ -131,24 +131,24 @@ def _micro_batch(cfg, device, B=4, T=128):
 @pytest.mark.gpu
 @cuda
 def test_bf16_training_step_cuda():
-    """One MuonClip step of the small model under bf16 autocast: finite loss, grads, statistic."""
+    """One MuonClip step of the small model computing in bf16 (float32 weights): finite loss, grads, statistic."""
     import torch.nn.functional as F
 
-    from k2cli.model.transformer import ForwardStats, build_model
+    from k2cli.model.precision import compute_dtype
+    from k2cli.model.transformer import build_model
     from k2cli.optim.muon import OptimConfig, build_optimizer
 
     cfg = ModelConfig.from_preset("small")
     model = build_model(cfg, seed=0).cuda().train()
     opt = build_optimizer(model, OptimConfig(name="muonclip"))
     inputs, targets = _micro_batch(cfg, "cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        stats = ForwardStats(track_max_logits=True)
-        logits = model(inputs, stats=stats)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss()
+    with compute_dtype(model, torch.bfloat16):
+        logits, stats = model(inputs, stats=True, max_logits=True)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + 1e-4 * stats.balance_loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    ml = stats.max_logit_matrix()
+    ml = stats.max_logits
     assert ml.shape == (cfg.num_hidden_layers, cfg.num_attention_heads) and torch.isfinite(ml).all()
     opt.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -187,7 +187,7 @@ def test_model_uses_triton_on_cuda_and_matches_sdpa():
     """attention.py picks the kernel on CUDA; loss and statistic agree with sdpa + the separate pass."""
     pytest.importorskip("triton")
     from k2cli.model import attention
-    from k2cli.model.transformer import ForwardStats, build_model
+    from k2cli.model.transformer import build_model
 
     cfg = ModelConfig.from_preset("small")
     model = build_model(cfg, seed=0).cuda()
@@ -198,9 +198,9 @@ def test_model_uses_triton_on_cuda_and_matches_sdpa():
     def run(backend):
         attention.ATTENTION_BACKEND = backend
         try:
-            stats = ForwardStats(track_max_logits=True)
             with torch.no_grad():
-                return model(inputs, stats=stats), stats.max_logit_matrix()
+                logits, stats = model(inputs, stats=True, max_logits=True)
+                return logits, stats.max_logits
         finally:
             attention.ATTENTION_BACKEND = "auto"
 

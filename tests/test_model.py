@@ -12,7 +12,7 @@ from k2cli.model import blocked_attention as blocked
 from k2cli.model import moe as moe_mod
 from k2cli.model.config import ModelConfig, RopeScaling
 from k2cli.model.generate import KVCache, generate
-from k2cli.model.transformer import ForwardStats, K2Model, build_model
+from k2cli.model.transformer import K2Model, build_model
 
 
 def test_causal(tiny_cfg):
@@ -104,13 +104,12 @@ def test_max_logit_statistic_equals_brute_force(tiny_cfg):
     def grab(module, args, kwargs, output):
         captured.append(args)
 
-    stats = ForwardStats(track_max_logits=True)
     hooks = [layer.self_attn.register_forward_hook(grab, with_kwargs=True) for layer in model.layers]
     with torch.no_grad():
-        model(x, stats=stats)
+        _, stats = model(x, stats=True, max_logits=True)
     for h in hooks:
         h.remove()
-    got = stats.max_logit_matrix()  # [L, H]
+    got = stats.max_logits  # [L, H]
     for layer_idx, layer in enumerate(model.layers):
         attn = layer.self_attn
         hidden, cos, sin = captured[layer_idx][:3]
@@ -164,10 +163,9 @@ def test_attention_backends_agree(monkeypatch, tiny_cfg):
     got = {}
     for backend in ("blocked", "sdpa"):
         monkeypatch.setattr(attention_mod, "ATTENTION_BACKEND", backend)
-        stats = ForwardStats(track_max_logits=True)
-        logits = model(x, stats=stats)
+        logits, stats = model(x, stats=True, max_logits=True)
         logits.logsumexp(-1).mean().backward()
-        got[backend] = (logits.detach(), stats.max_logit_matrix(), [p.grad.clone() for p in model.parameters()])
+        got[backend] = (logits.detach(), stats.max_logits, [p.grad.clone() for p in model.parameters()])
         model.zero_grad(set_to_none=True)
     (la, ma, ga), (lb, mb, gb) = got["blocked"], got["sdpa"]
     torch.testing.assert_close(la, lb, rtol=0, atol=1e-5)
@@ -199,10 +197,10 @@ def test_moe_decoding_path_matches_grouped(tiny_cfg):
 def test_stats_are_only_computed_when_asked(tiny_cfg):
     model = build_model(tiny_cfg)
     x = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
-    stats = ForwardStats()
-    model(x, stats=stats)
-    assert stats.max_logits == [] and len(stats.expert_counts) == tiny_cfg.num_moe_layers
-    assert stats.load_matrix().sum(-1).tolist() == [2 * 8 * tiny_cfg.num_experts_per_tok] * tiny_cfg.num_moe_layers
+    assert torch.is_tensor(model(x))  # no stats unless asked
+    _, stats = model(x, stats=True)
+    assert stats.max_logits is None and len(stats.expert_counts) == tiny_cfg.num_moe_layers
+    assert stats.expert_counts.sum(-1).tolist() == [2 * 8 * tiny_cfg.num_experts_per_tok] * tiny_cfg.num_moe_layers
 
 
 def test_grouped_mm_fallback_matches(monkeypatch, tiny_cfg):

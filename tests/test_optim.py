@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from k2cli.errors import K2Error
 from k2cli.model.config import ModelConfig
-from k2cli.model.transformer import ForwardStats, build_model
+from k2cli.model.transformer import build_model
 from k2cli.optim import muon
 from k2cli.optim.muon import OptimConfig, build_optimizer, muon_update, newton_schulz, orthogonalize
 from k2cli.optim.schedule import ScheduleConfig, lr_at
@@ -245,12 +245,11 @@ def attention_inputs(model, ids):
     captured, hooks = [], []
     for attn in model.attention_layers():
         hooks.append(attn.register_forward_pre_hook(lambda mod, args: captured.append(tuple(a.detach() for a in args[:3]))))
-    stats = ForwardStats(track_max_logits=True)
     with torch.no_grad():
-        model(ids, stats=stats)
+        _, stats = model(ids, stats=True, max_logits=True)
     for h in hooks:
         h.remove()
-    return captured, stats.max_logit_matrix()
+    return captured, stats.max_logits
 
 
 def per_layer_max_logits(model, captured):
@@ -258,9 +257,7 @@ def per_layer_max_logits(model, captured):
     out = []
     with torch.no_grad():
         for attn, (x, cos, sin) in zip(model.attention_layers(), captured):
-            m = []
-            attn(x, cos, sin, max_logits=m)
-            out.append(m[0])
+            out.append(attn(x, cos, sin, max_logit=True)[1])
     return torch.stack(out)  # [L, H]
 
 
@@ -367,13 +364,12 @@ def train_steps(model, opt, steps, start=0, total=4):
     ids = torch.randint(0, model.config.vocab_size, (total, 2, 24), generator=torch.Generator().manual_seed(7))
     for step in range(start, start + steps):
         opt.zero_grad(set_to_none=True)
-        stats = ForwardStats(track_max_logits=True)
-        logits = model(ids[step, :, :-1], stats=stats)
+        logits, stats = model(ids[step, :, :-1], stats=True, max_logits=True)
         loss = F.cross_entropy(logits.flatten(0, 1), ids[step, :, 1:].flatten())
         loss.backward()
         opt.set_lr(lr_at(step, total, 1e-2, ScheduleConfig(warmup_steps=2)))
         opt.step()
-        opt.clip_qk(stats.max_logit_matrix())
+        opt.clip_qk(stats.max_logits)
 
 
 def test_state_dict_round_trip_is_exact():

@@ -187,7 +187,7 @@ def test_ptx_and_critic_rows_in_the_loss(world):
     ptx = task.ptx[:2]
     # no RL rows: the PTX rows carry the unit, the loss is beta x the mean next-token loss of their target tokens
     batch, _ = task.assemble([], ptx, [])
-    loss, _ = task.loss(s.model, batch, None)
+    loss, _, _ = task.loss(s.model, batch, False)
     t = rows_to_tensors(ptx, tok.eot_id)
     ce = torch.nn.functional.cross_entropy(s.model(t["input_ids"]).flatten(0, 1), t["targets"].flatten(), ignore_index=-100)
     assert (batch["kind"] == PTX).all()
@@ -198,7 +198,7 @@ def test_ptx_and_critic_rows_in_the_loss(world):
         x.ids, x.mask, x.info = x.ids + [5, 6], x.mask + [True, True], {"final": r}
     batch, _ = task.assemble([traj], ptx, [])
     assert task.weight(batch) == pytest.approx(1.0)  # one prompt
-    loss, _ = task.loss(s.model, batch, None)
+    loss, _, _ = task.loss(s.model, batch, False)
     rl_part = 2 * 0.5 ** 2 / (2 * task.cfg.tau) / 2  # log ratio 0 at pi_old: A^2 / (2 tau), mean over K
     assert loss.item() == pytest.approx(rl_part + 0.3 * ce.item(), rel=1e-4)
     assert (batch["kind"] == RL).sum() == 2

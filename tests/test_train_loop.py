@@ -85,12 +85,12 @@ def test_sigint_then_resume_is_bitwise_identical_to_one_run(tmp_path):
 
 
 class NanAt(SignalAt):
-    def loss(self, model, micro, stats):
-        loss, extra = self.task.loss(model, micro, stats)
+    def loss(self, model, micro, max_logits):
+        loss, extra, stats = self.task.loss(model, micro, max_logits)
         if self.calls == self.step:
             loss = loss * float("nan")
         self.calls += 1
-        return loss, extra
+        return loss, extra, stats
 
     calls = 0
 

@@ -112,7 +112,7 @@ def test_micro_model_through_the_kernel(monkeypatch):
     """The whole micro model (MLA d = 16, dv = 8) with the kernel in place of the blocked path:
     same loss, statistic and gradients."""
     from k2cli.model.config import ModelConfig
-    from k2cli.model.transformer import ForwardStats, build_model
+    from k2cli.model.transformer import build_model
 
     model = build_model(ModelConfig.from_preset("micro"), seed=0)
     x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -120,10 +120,10 @@ def test_micro_model_through_the_kernel(monkeypatch):
     def run(backend):
         monkeypatch.setattr(attention, "ATTENTION_BACKEND", backend)
         model.zero_grad(set_to_none=True)
-        stats = ForwardStats(track_max_logits=True)
-        loss = model(x, stats=stats).float().square().mean()
+        logits, stats = model(x, stats=True, max_logits=True)
+        loss = logits.float().square().mean()
         loss.backward()
-        return loss.detach(), stats.max_logit_matrix(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), stats.max_logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     loss_t, ml_t, g_t = run("triton")
     loss_b, ml_b, g_b = run("blocked")

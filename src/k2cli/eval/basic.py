@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from k2cli.data.packing import pack
 from k2cli.eval.suite import SuiteResult, register
 from k2cli.lineage import heldout_split
-from k2cli.model.transformer import ForwardStats
 
 
 def heldout_texts(ctx, limit: int = 200) -> tuple[list[str], str]:
@@ -84,9 +83,8 @@ class MaxLogit:
         texts, how = heldout_texts(ctx, 64)
         data = _rows(ctx, texts)
         rows = data.rows(np.arange(min(len(data), ctx.cfg.batch_size)))
-        stats = ForwardStats(track_max_logits=True)
-        ctx.model(rows["input_ids"].to(ctx.device), stats=stats)
-        m = stats.max_logit_matrix()  # [L, H]
+        _, stats = ctx.model(rows["input_ids"].to(ctx.device), stats=True, max_logits=True)
+        m = stats.max_logits  # [L, H]
         per_layer = m.max(dim=1).values.tolist()
         return SuiteResult(
             metrics={"max_logit": float(m.max()), "mean_head_max_logit": float(m.mean()),

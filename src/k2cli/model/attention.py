@@ -28,6 +28,7 @@ from torch import nn
 from k2cli.model.blocked_attention import causal_attention, max_logit_per_head
 from k2cli.model.config import ModelConfig
 from k2cli.model.norm import RMSNorm
+from k2cli.model.precision import Linear
 from k2cli.model.rope import apply_rope, softmax_scale
 from k2cli.model.triton_attention import flash_attention, use_triton
 
@@ -36,7 +37,7 @@ from k2cli.model.triton_attention import flash_attention, use_triton
 ABSORB_MAX_NEW_TOKENS = 8
 
 # Which kernel computes unmasked causal attention in the expanded form:
-#   "auto"    blocked matmuls on CPU in float32/64 (faster there, and the statistic is free),
+#   "auto"    blocked matmuls on CPU (faster there, and the statistic is free),
 #             F.scaled_dot_product_attention elsewhere (fused flash kernels on CUDA)
 #   "blocked" / "sdpa"  force one (tests compare them)
 # Calls with an explicit mask (padded batches) always use scaled_dot_product_attention.
@@ -46,7 +47,7 @@ ATTENTION_BACKEND = "auto"
 def use_blocked(q: torch.Tensor) -> bool:
     if ATTENTION_BACKEND != "auto":
         return ATTENTION_BACKEND == "blocked"
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    return q.device.type == "cpu"
 
 
 class MLAttention(nn.Module):
@@ -57,15 +58,15 @@ class MLAttention(nn.Module):
         self.dn, self.dr, self.dv, self.r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         D, dqk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # HF: eps 1e-6 regardless of rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dqk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * dqk, bias=False)
         else:
-            self.q_proj = nn.Linear(D, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.dr, bias=False)
+            self.q_proj = Linear(D, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.r + self.dr, bias=False)
         self.kv_a_layernorm = RMSNorm(self.r, eps=1e-6)
-        self.kv_b_proj = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(H * self.dv, D, bias=False)
+        self.kv_b_proj = Linear(self.r, H * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(H * self.dv, D, bias=False)
         self.softmax_scale = softmax_scale(cfg)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +74,12 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x, cos, sin, mask=None, cache=None, max_logits=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, max_logit: bool = False):
         """x [B, T, D]; cos/sin [B, T, dr/2]; mask: None (plain causal) or bool [B, 1, T, S].
 
         `cache` (a `KVCache`) receives this call's latents and returns the whole history.
-        `max_logits`, when a list, receives this layer's per-head max logit [H] (no grad).
+        Returns out [B, T, D], or with `max_logit` (out, per-head max logit [H], float32, no
+        grad; None when decoding over a cache, which training never does).
         """
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.dn, self.dr
@@ -93,7 +95,8 @@ class MLAttention(nn.Module):
             latent, k_rope = cache.append(self.layer_idx, latent, k_rope)  # [B, S, r], [B, S, dr]
             if past > 0 and T <= ABSORB_MAX_NEW_TOKENS:
                 out = self._absorbed(q_nope, q_rope, latent, k_rope, mask)
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+                out = self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+                return (out, None) if max_logit else out
 
         S = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, S, H, dn + self.dv).transpose(1, 2)  # [B, H, S, dn+dv]
@@ -102,11 +105,9 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         if mask is None and (use_blocked(q) or use_triton(q)):  # the statistic for free: blocked (CPU), Triton (CUDA)
             out, head_max = (causal_attention if use_blocked(q) else flash_attention)(q, k, v, self.softmax_scale)
-            if max_logits is not None:
-                max_logits.append(head_max)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
-        if max_logits is not None:
-            max_logits.append(per_head_max_logit(q, k, self.softmax_scale, mask))
+            out = self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))  # out [B, H, T, dv], head_max [H]
+            return (out, head_max) if max_logit else out
+        head_max = per_head_max_logit(q, k, self.softmax_scale, mask) if max_logit else None
         causal = mask is None and T == S
         if mask is None and T != S:  # a chunk after a cache: token t sees the past and itself
             mask = _offset_causal_mask(T, S, x.device)
@@ -114,8 +115,8 @@ class MLAttention(nn.Module):
             # Fused (flash) kernels want values as wide as keys: pad with zeros, slice after.
             v = F.pad(v, (0, dn + dr - self.dv))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-        out = out[..., : self.dv]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+        out = self.o_proj(out[..., : self.dv].transpose(1, 2).reshape(B, T, H * self.dv))
+        return (out, head_max) if max_logit else out
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Attention computed over the latent cache: W_kvb folded into query and output.
@@ -127,7 +128,7 @@ class MLAttention(nn.Module):
         """
         B, H, T, _ = q_nope.shape
         S, r = latent.shape[1], self.r
-        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, r)
+        w = self.kv_b_proj.weight.to(q_nope.dtype).view(H, self.dn + self.dv, r)  # float32 weight, compute dtype
         w_k, w_v = w[:, : self.dn], w[:, self.dn :]  # [H, dn, r], [H, dv, r]
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)  # [B, H, T, r]
         # scores = (q_latent . c + q^R . k^R) * scale, heads folded into rows: [B, H*T, S]

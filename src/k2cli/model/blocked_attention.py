@@ -27,6 +27,11 @@ full T x S square (flash attention skips the same blocks).
 Backward (the standard attention gradient; D = rowsum(dO * O), [BH, T]):
     dV += p^T dO_blk      dP = dO_blk V^T      dS = p * (dP - D)
     dQ_blk = dS K * scale                      dK += dS^T Q_blk * scale
+Dtypes (model/precision.py): q, k, v and the matmuls run in q's dtype (bf16 or float32);
+the softmax and its statistics — row max, exp and sums, log-sum-exp, the per-head max — in
+float32 (float64 for float64 inputs), cast to q's dtype only to multiply by v (forward) or
+to form dS (backward). In float32 every cast is a no-op.
+
 p is kept from the forward when all blocks together fit KEEP_PROBS_BYTES; past that it is
 recomputed from q, k and the row log-sum-exp (as flash attention does), so long sequences
 cost O(T) memory rather than O(T^2).
@@ -44,6 +49,11 @@ KEEP_PROBS_BYTES = 256 * 2**20
 # without backward): 32 and 64 are within a few percent of each other and of the best, 16 pays
 # Python overhead per block, 128+ falls out of the L2 cache.
 BLOCK_ROWS = 64
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics (scores' row max, exp, sums, log-sum-exp) run in float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _block_bias(n: int, kv: int, like: Tensor) -> Tensor:
@@ -64,26 +74,28 @@ class _CausalAttention(torch.autograd.Function):
         B, H, T, d = q.shape
         S, dv = k.shape[2], v.shape[-1]
         offset = S - T
+        dtype, acc = q.dtype, _softmax_dtype(q.dtype)
         qf, kf, vf = q.reshape(B * H, T, d), k.reshape(B * H, S, d), v.reshape(B * H, S, dv)
-        out = q.new_empty(B * H, T, dv)
-        lse = q.new_empty(B * H, T)  # row log-sum-exp of the scaled scores, for a recomputing backward
+        out = []  # per block [BH, rows, dv] (concatenated, not written into slices with out=: torch.compile needs that)
+        lse = q.new_empty(B * H, T, dtype=acc)  # row log-sum-exp of the scaled scores, for a recomputing backward
         head_max = torch.full((H,), float("-inf"), dtype=torch.float32, device=q.device)
         n = BLOCK_ROWS
         grad = any(ctx.needs_input_grad[:3])
-        keep = grad and B * H * T * S * q.element_size() // 2 <= KEEP_PROBS_BYTES
+        keep = grad and B * H * T * S * torch.finfo(acc).bits // 16 <= KEEP_PROBS_BYTES
         probs = []
         for s in range(0, T, n):
             e = min(T, s + n)
-            p = _block_scores(qf, kf, s, e, offset, scale)  # [BH, rows, kv]
+            p = _block_scores(qf, kf, s, e, offset, scale).to(acc)  # [BH, rows, kv]
             m = p.amax(dim=-1, keepdim=True)  # [BH, rows, 1]; finite: every row sees its own key
             head_max = torch.maximum(head_max, m.view(B, H, e - s).amax(dim=(0, 2)).float())
             p.sub_(m).exp_()
             total = p.sum(dim=-1, keepdim=True)
             p.div_(total)
             lse[:, s:e] = (m + total.log()).squeeze(-1)
-            torch.bmm(p, vf[:, : offset + e], out=out[:, s:e])
+            out.append(torch.bmm(p.to(dtype), vf[:, : offset + e]))
             if keep:
                 probs.append(p)
+        out = torch.cat(out, dim=1)  # [BH, T, dv]
         if grad:
             ctx.save_for_backward(qf, kf, vf, out, lse)
             ctx.probs, ctx.scale, ctx.n, ctx.shape = probs, scale, n, (B, H, T, S, d, dv)
@@ -95,21 +107,23 @@ class _CausalAttention(torch.autograd.Function):
         qf, kf, vf, out, lse = ctx.saved_tensors
         B, H, T, S, d, dv = ctx.shape
         scale, n, offset = ctx.scale, ctx.n, S - T
-        do = d_out.reshape(B * H, T, dv)
-        D = (do * out).sum(dim=-1, keepdim=True)  # [BH, T, 1]
-        dq, dk, dvv = torch.empty_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        dtype, acc = qf.dtype, lse.dtype
+        do = d_out.reshape(B * H, T, dv).to(dtype)
+        D = (do.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # [BH, T, 1]
+        dq, dk, dvv = [], torch.zeros_like(kf), torch.zeros_like(vf)
         for i, s in enumerate(range(0, T, n)):
             e = min(T, s + n)
             kv = offset + e
             if ctx.probs:
                 p = ctx.probs[i]
             else:  # recompute: p = exp(scores - lse)
-                p = _block_scores(qf, kf, s, e, offset, scale).sub_(lse[:, s:e, None]).exp_()
-            dvv[:, :kv].baddbmm_(p.mT, do[:, s:e])
-            ds = torch.bmm(do[:, s:e], vf[:, :kv].mT).sub_(D[:, s:e]).mul_(p)  # dS = p * (dP - D)
-            torch.bmm(ds, kf[:, :kv], out=dq[:, s:e])
+                p = _block_scores(qf, kf, s, e, offset, scale).to(acc).sub_(lse[:, s:e, None]).exp_()
+            dvv[:, :kv].baddbmm_(p.to(dtype).mT, do[:, s:e])
+            ds = torch.bmm(do[:, s:e], vf[:, :kv].mT).to(acc).sub_(D[:, s:e]).mul_(p).to(dtype)  # dS = p * (dP - D)
+            dq.append(torch.bmm(ds, kf[:, :kv]))
             dk[:, :kv].baddbmm_(ds.mT, qf[:, s:e])
         ctx.probs = None
+        dq = torch.cat(dq, dim=1)
         dq.mul_(scale)
         dk.mul_(scale)
         return dq.view(B, H, T, d), dk.view(B, H, S, d), dvv.view(B, H, S, dv), None
@@ -128,7 +142,7 @@ def max_logit_per_head(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """
     B, H, T, d = q.shape
     S = k.shape[2]
-    qf, kf = q.reshape(B * H, T, d).float(), k.reshape(B * H, S, d).float()
+    qf, kf = q.reshape(B * H, T, d).float(), k.reshape(B * H, S, d).float()  # float32 scores whatever q's dtype
     n = BLOCK_ROWS
     best = torch.full((H,), float("-inf"), dtype=torch.float32, device=q.device)
     for s in range(0, T, n):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from k2cli.model.precision import compute_dtype, inference_dtype
 from k2cli.model.transformer import K2Model
 
 
@@ -25,7 +26,7 @@ class KVCache:
     def __init__(self, model: K2Model, batch: int, max_len: int, device=None, dtype=None):
         cfg = model.config
         p = next(model.parameters())
-        device, dtype = device or p.device, dtype or p.dtype
+        device, dtype = device or p.device, dtype or getattr(model, "compute_dtype", None) or p.dtype  # the activations' dtype
         L = cfg.num_hidden_layers
         self.latent = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
@@ -79,12 +80,22 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 @torch.inference_mode()  # like no_grad, minus autograd's per-op bookkeeping: ~15% per decoded token on CPU
-def generate(model: K2Model, prompts: list[list[int]], sampling: SamplingConfig | None = None, **kw) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens of each row (stop token included)."""
+def generate(model: K2Model, prompts: list[list[int]], sampling: SamplingConfig | None = None, precision: str = "auto",
+             **kw) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each row (stop token included).
+
+    precision (model/precision.py): auto keeps a compute dtype the caller set (the training loop
+    sets one), else bf16 on CUDA and the weights' dtype on CPU; fp32 | bf16 force one.
+    """
     s = sampling or SamplingConfig(**kw)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs non-empty prompts")
     device = next(model.parameters()).device
+    with compute_dtype(model, inference_dtype(model, device, precision)):
+        return _generate(model, prompts, s, device)
+
+
+def _generate(model: K2Model, prompts: list[list[int]], s: SamplingConfig, device) -> list[list[int]]:
     ids, pads = _left_pad(prompts, 0, device)
     B, P = ids.shape
     total = P + s.max_new_tokens

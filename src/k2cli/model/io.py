@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from k2cli.artifacts import Artifact, open_artifact
 from k2cli.errors import K2Error
 from k2cli.model.config import ModelConfig
+from k2cli.model.precision import check_device
 from k2cli.model.rope import Rotary
 from k2cli.model.transformer import K2Model
 
@@ -89,6 +90,7 @@ def load_weights(model: K2Model, path: Path) -> None:
 
 def load_model(ref, device="cpu", verify: bool = False) -> tuple[K2Model, Artifact]:
     """Build the model stored in a model artifact. Returns (model in eval mode, artifact)."""
+    device = check_device(device)  # a missing GPU is a clean error, not an AssertionError deep in torch
     art = open_artifact(ref, kind="model", verify=verify)
     cfg = read_config(art.path)
     with torch.device("meta"):

@@ -17,8 +17,8 @@ experts.
 Balancing, used by training:
   * aux-loss-free: after each step b_i -= rate if expert i was overloaded, += rate if
     underloaded (`update_router_biases`); the update is a sign rule, not a gradient.
-  * sequence-wise balance loss L = sum_i f_i P_i per sequence (returned in the forward
-    stats; the training loop weights it by a small alpha).
+  * sequence-wise balance loss L = sum_i f_i P_i per sequence (returned by `MoE.forward`
+    with stats=True, with the expert counts; the training loop weights it by a small alpha).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from k2cli.model.config import ModelConfig
+from k2cli.model.precision import Linear
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -37,9 +38,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = Linear(hidden, width, bias=False)
+        self.up_proj = Linear(hidden, width, bias=False)
+        self.down_proj = Linear(width, hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -75,7 +76,16 @@ class Router(nn.Module):
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out]."""
+    """Rows of x sorted by expert; expert e multiplies its `counts[e]` rows by w[e] [in, out].
+
+    The float32 expert weights are cast to the activations' dtype here (autocast does not
+    cover torch._grouped_mm; a no-op in float32).
+    """
+    w = w.to(x.dtype)
+    if torch.compiler.is_compiling():
+        # One opaque op for dynamo/inductor (whose meta kernel for _grouped_mm accepts bf16 only):
+        # the graph stays whole, and no .tolist() of the paths below enters it.
+        return _compiled_grouped_mm(x, w, counts.cumsum(0).to(torch.int32))
     if x.shape[0] < w.shape[0] and x.device.type == "cpu":
         # Fewer rows than experts (decoding): most experts are idle. On CPU one matmul per busy
         # expert beats walking all E groups (and beats gathering each row's expert matrix: a
@@ -83,8 +93,54 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         return torch.cat([x[s : s + n] @ w[e] for e, s, n in _busy_experts(counts)])
     if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # Fallback (old torch, float32 on CUDA, float64 anywhere): one matmul per expert slice.
+    return _per_expert_mm(x, w, counts)
+
+
+def _per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Fallback (old torch, float32 on CUDA, float64 anywhere): one matmul per expert slice."""
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+
+
+@torch.library.custom_op("k2::grouped_mm", mutates_args=())
+def _compiled_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [N, in] (rows sorted by expert), w [E, in, out], offs [E] int32 row ends -> [N, out]."""
+    if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
+        return torch._grouped_mm(x, w, offs=offs)
+    return _per_expert_mm(x, w, torch.diff(offs, prepend=offs.new_zeros(1)))
+
+
+@_compiled_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("k2::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dW[e] = x_e^T dy_e for each expert's rows: x [N, in], dy [N, out] -> [E, in, out]."""
+    if HAS_GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype != torch.float64)):
+        return torch._grouped_mm(x.t(), dy, offs=offs)
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.stack([xe.t() @ ye for xe, ye in zip(x.split(counts), dy.split(counts))])
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors  # y = x_e w_e per expert: dx_e = dy_e w_e^T, dw_e = x_e^T dy_e
+    dx = _compiled_grouped_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_weight_grad(x, dy, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_compiled_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _busy_experts(counts: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -95,6 +151,13 @@ def _busy_experts(counts: torch.Tensor) -> list[tuple[int, int, int]]:
             out.append((e, start, n))
             start += n
     return out
+
+
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many (token, slot) pairs of idx chose each expert. (bincount's counts, with a
+    static output shape — bincount's depends on the data — so that torch.compile keeps one graph.)"""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class Experts(nn.Module):
@@ -111,7 +174,7 @@ class Experts(nn.Module):
         N, K = idx.shape
         flat = idx.reshape(-1)  # [N*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         token = order // K  # [N*K] the token of each pair, in expert order
         xs = x.index_select(0, token)  # [N*K, D]
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)  # [N*K, I] each
@@ -135,15 +198,16 @@ class MoE(nn.Module):
             DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, stats=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: bool = False):
+        """x [B, T, D] -> out [B, T, D], or with `stats` (out, balance loss (scalar, grad), counts [E])."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         idx, weights, scores = self.gate(flat)
         out = self.experts(flat, idx, weights).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        if stats is not None:
-            stats.add_moe(self._balance_loss(idx, scores, B, T), torch.bincount(idx.reshape(-1), minlength=self.num_experts))
+        if stats:
+            return out, self._balance_loss(idx, scores, B, T), expert_counts(idx, self.num_experts)
         return out
 
     def _balance_loss(self, idx, scores, B: int, T: int) -> torch.Tensor:

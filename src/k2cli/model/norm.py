@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 like the reference implementations."""
+"""RMSNorm, computed in float32 like the reference implementations; returns the input's dtype."""
 
 from __future__ import annotations
 
@@ -21,4 +21,4 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (self.weight * x.to(self.weight.dtype)).to(dtype)  # float32 (or float64) weight: one rounding, at the end

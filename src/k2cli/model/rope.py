@@ -105,9 +105,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Output [..., T, dr] = [x_e cos - x_o sin | x_o cos + x_e sin] (evens rotated, then odds).
     """
-    if x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype:
+    if x.dtype in (torch.float32, torch.float64) and cos.dtype == x.dtype and not torch.compiler.is_compiling():
         # The same arithmetic as one complex multiply per pair, (x_e + i x_o)(cos + i sin), then
         # a de-interleaving copy: 3 kernels instead of 8 (it matters when decoding one token).
+        # (Not under torch.compile: dynamo cannot trace view_as_complex's stride checks, and
+        # inductor fuses the real arithmetic below into one kernel anyway.)
         pairs = x.unflatten(-1, (-1, 2))  # [..., dr/2, 2]
         if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.clone()  # view_as_complex needs each (x_e, x_o) pair aligned as one complex number

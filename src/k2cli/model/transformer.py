@@ -1,18 +1,17 @@
 """The K2 model: embeddings -> [MLA + (dense MLP | MoE)] x L -> RMSNorm -> LM head.
 
 Written for a single device; data parallelism and sharding are applied from outside
-(`k2cli.train.distributed`). Module names mirror Hugging Face's DeepseekV3 (without its
+(`k2cli.parallel`). Module names mirror Hugging Face's DeepseekV3 (without its
 `model.` prefix), so the HF adapter in `hf.py` is a rename plus an expert split.
 
-    model(input_ids)                            -> logits [B, T, V]
-    model(input_ids, stats=ForwardStats(...))   -> logits, and stats filled with the MoE
-                                                   balance loss, expert loads and (when
-                                                   asked) per-head max attention logits
+    model(input_ids)                                 -> logits [B, T, V]
+    model(input_ids, stats=True, max_logits=True)    -> logits, ForwardStats(MoE balance loss,
+                                                        expert loads, per-head max logits)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,30 +20,20 @@ from k2cli.model.attention import MLAttention
 from k2cli.model.config import ModelConfig
 from k2cli.model.moe import DenseMLP, MoE, Router
 from k2cli.model.norm import RMSNorm
+from k2cli.model.precision import Linear
 from k2cli.model.rope import Rotary
 
 
-@dataclass
-class ForwardStats:
-    """Side outputs of one forward pass that training needs (filled only when passed in)."""
+class ForwardStats(NamedTuple):
+    """Side outputs of one forward pass that training needs, returned with the logits.
 
-    track_max_logits: bool = False
-    max_logits: list = field(default_factory=list)  # per layer: [H] max pre-softmax logit
-    balance_losses: list = field(default_factory=list)  # per MoE layer: scalar, with grad
-    expert_counts: list = field(default_factory=list)  # per MoE layer: [E] tokens routed
+    Each layer returns its own (no list is threaded through forward), so FSDP2 sees them as
+    ordinary outputs of the sharded layers and torch.compile as ordinary graph outputs.
+    """
 
-    def add_moe(self, balance_loss, counts):
-        self.balance_losses.append(balance_loss)
-        self.expert_counts.append(counts)
-
-    def balance_loss(self) -> torch.Tensor:
-        return torch.stack(self.balance_losses).mean() if self.balance_losses else torch.zeros(())
-
-    def max_logit_matrix(self) -> torch.Tensor | None:
-        return torch.stack(self.max_logits) if self.max_logits else None  # [L, H]
-
-    def load_matrix(self) -> torch.Tensor | None:
-        return torch.stack(self.expert_counts) if self.expert_counts else None  # [L_moe, E]
+    balance_loss: torch.Tensor  # scalar float32: the MoE balance loss, mean over MoE layers, with grad
+    expert_counts: torch.Tensor | None  # [L_moe, E] tokens routed to each expert (None without MoE)
+    max_logits: torch.Tensor | None  # [L, H] per-head max pre-softmax logit, float32, no grad (when asked)
 
 
 class DecoderLayer(nn.Module):
@@ -56,14 +45,25 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, stats: ForwardStats | None = None):
-        max_logits = stats.max_logits if stats is not None and stats.track_max_logits else None
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, max_logits)
+    def forward(self, x, cos, sin, mask=None, cache=None, stats: bool = False, max_logits: bool = False):
+        """x [B, T, D] -> x, or with `stats` (x, head max [H] | None, balance loss | None, counts [E] | None)."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, max_logit=stats and max_logits)
+        attn, head_max = attn if stats and max_logits else (attn, None)
+        x = x + attn
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, stats) if self.is_moe else self.mlp(h))
+        if not stats:
+            return x + self.mlp(h)
+        if not self.is_moe:
+            return x + self.mlp(h), head_max, None, None
+        out, balance, counts = self.mlp(h, stats=True)
+        return x + out, head_max, balance, counts
 
 
 class K2Model(nn.Module):
+    # The dtype activations run in (model/precision.py; None: the weights' own dtype). Weights
+    # stay float32 whatever it is.
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -71,7 +71,7 @@ class K2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
@@ -103,26 +103,42 @@ class K2Model(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, positions=None, mask=None, cache=None, stats: ForwardStats | None = None,
-                last_only: bool = False):
+    def forward(self, input_ids, positions=None, mask=None, cache=None, last_only: bool = False,
+                stats: bool = False, max_logits: bool = False):
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only, as generation needs).
 
         positions [B, T] default to cache.length + arange(T). `mask` (bool [B, 1, T, S]) is
-        only needed for padded batches; plain causal attention is the default.
+        only needed for padded batches; plain causal attention is the default. With `stats`,
+        returns (logits, ForwardStats), the per-head max logits included when `max_logits`.
         """
         B, T = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)  # float32 table, compute-dtype activations
         cos, sin = self.rotary(positions, x.dtype)
+        side = []  # per layer, with stats: (head max | None, balance loss | None, counts | None)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, stats)
+            if stats:
+                x, *out = layer(x, cos, sin, mask, cache, stats=True, max_logits=max_logits)
+                side.append(out)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        if not stats:
+            return logits
+        head_max, balance, counts = ([s[i] for s in side if s[i] is not None] for i in range(3))
+        return logits, ForwardStats(
+            balance_loss=torch.stack(balance).mean() if balance else logits.new_zeros((), dtype=torch.float32),
+            expert_counts=torch.stack(counts) if counts else None,
+            max_logits=torch.stack(head_max) if head_max else None,
+        )
 
 
 def build_model(cfg: ModelConfig, device="cpu", seed: int | None = 0) -> K2Model:

@@ -67,10 +67,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from k2cli import parallel
 from k2cli.errors import K2Error, did_you_mean
 from k2cli.model.moe import Experts
 from k2cli.optim.qk_clip import clip_heads
-from k2cli.train import distributed as dist
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (Keller Jordan's Muon)
@@ -308,9 +308,9 @@ class MuonClip(torch.optim.Optimizer):
         # QK-Clip rescales attention weights in place; keep the layers (not part of the state).
         self.attn_layers = model.attention_layers() if hasattr(model, "attention_layers") else []
         self.names = {p: name for name, p in model.named_parameters()}  # canonical checkpoint keys
-        self.rank, self.world = dist.rank(), dist.world_size()
+        self.rank, self.world = parallel.rank(), parallel.world_size()
         for p in self.names:
-            dist.check_row_sharded(p)
+            parallel.check_row_sharded(p)
         # Muon tensor -> the rank that orthogonalises it and keeps its momentum (all 0 in one process)
         self.owner = {}
         for g in self.param_groups:
@@ -366,17 +366,17 @@ class MuonClip(torch.optim.Optimizer):
         if not todo:
             return
         W, me = self.world, self.rank
-        sharded = dist.is_dtensor(todo[0][0])  # FSDP: params and grads are row shards
+        sharded = parallel.is_dtensor(todo[0][0])  # FSDP: params and grads are row shards
         owned = [[p for p, _ in todo if self.owner[p] == r] for r in range(W)]  # owned[r]: rank r's, in order
         mine = [(p, AB) for p, AB in todo if self.owner[p] == me]
-        dtype, device = dist.local(todo[0][0].grad).dtype, dist.local(todo[0][0]).device
+        dtype, device = parallel.local(todo[0][0].grad).dtype, parallel.local(todo[0][0]).device
 
         def rows(p, r):  # the shape of rank r's shard of p
-            return (dist.rows_per_rank(p.shape[0], W)[r], *p.shape[1:])
+            return (parallel.rows_per_rank(p.shape[0], W)[r], *p.shape[1:])
 
         # 1. the full gradient of every matrix this rank owns
         if sharded:  # everyone sends each owner its rows of the owner's matrices
-            got = dist.exchange([[dist.local(p.grad) for p in owned[r]] for r in range(W)],
+            got = parallel.exchange([[parallel.local(p.grad) for p in owned[r]] for r in range(W)],
                                 [[rows(p, s) for p, _ in mine] for s in range(W)], dtype, device)
             grads = [torch.cat([got[s][j] for s in range(W)]) for j in range(len(mine))]
         else:  # DDP: all-reduced during backward, whole on every rank
@@ -391,16 +391,16 @@ class MuonClip(torch.optim.Optimizer):
         orth = [O.reshape(p.shape) for O, (p, _) in zip(orthogonalize(dirs, group["ns_steps"]), mine)]
         # 3. every rank receives what it holds of every update: its rows (FSDP), or all of it (DDP)
         if sharded:
-            starts = {p: [0] + list(itertools.accumulate(dist.rows_per_rank(p.shape[0], W))) for p, _ in mine}
+            starts = {p: [0] + list(itertools.accumulate(parallel.rows_per_rank(p.shape[0], W))) for p, _ in mine}
             out = [[O[starts[p][s] : starts[p][s + 1]] for O, (p, _) in zip(orth, mine)] for s in range(W)]
-            got = dist.exchange(out, [[rows(p, me) for p in owned[r]] for r in range(W)], dtype, device)
+            got = parallel.exchange(out, [[rows(p, me) for p in owned[r]] for r in range(W)], dtype, device)
         else:
-            got = dist.exchange([orth] * W, [[tuple(p.shape) for p in owned[r]] for r in range(W)], dtype, device)
+            got = parallel.exchange([orth] * W, [[tuple(p.shape) for p in owned[r]] for r in range(W)], dtype, device)
         update = {p: O for r in range(W) for p, O in zip(owned[r], got[r])}
         # 4. weight decay and the update, on every rank, to what it holds
         lr, wd = group["lr"], group["weight_decay"]
         for p, (A, B) in todo:
-            w = dist.local(p)
+            w = parallel.local(p)
             w.mul_(1 - lr * wd)
             w.add_(update[p].view_as(w), alpha=-lr * rms_scale(A, B))
 
@@ -410,13 +410,13 @@ class MuonClip(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            w = dist.local(p)  # the local shard under FSDP: AdamW is element-wise
+            w = parallel.local(p)  # the local shard under FSDP: AdamW is element-wise
             if not state:
                 state["step"] = torch.tensor(0.0)  # float32 on CPU, as torch.optim.AdamW keeps it
                 state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             params.append(w)
-            grads.append(dist.local(p.grad))
+            grads.append(parallel.local(p.grad))
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -453,7 +453,7 @@ class MuonClip(torch.optim.Optimizer):
         """
         main = self.rank == 0
         mine = [self.names[p] for p, s in self.state.items() if "momentum_buffer" in s]
-        held = [set(names) for names in dist.all_gather_object(mine)]  # momentum: who holds what
+        held = [set(names) for names in parallel.all_gather_object(mine)]  # momentum: who holds what
         state = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -461,12 +461,12 @@ class MuonClip(torch.optim.Optimizer):
                 if group["kind"] == "muon":
                     owner = self.owner[p]
                     if name in held[owner]:
-                        buf = dist.to_main(self.state[p]["momentum_buffer"] if owner == self.rank else None, owner,
-                                           tuple(p.shape), dist.local(p).dtype, dist.local(p).device)
+                        buf = parallel.to_main(self.state[p]["momentum_buffer"] if owner == self.rank else None, owner,
+                                           tuple(p.shape), parallel.local(p).dtype, parallel.local(p).device)
                         if main:
                             state[name] = {"momentum_buffer": buf.cpu()}
                 elif self.state.get(p):  # AdamW: the same on every rank, full or sharded
-                    entry = {k: dist.full_from_local(p, v) for k, v in self.state[p].items()}
+                    entry = {k: parallel.full_from_local(p, v) for k, v in self.state[p].items()}
                     if main:
                         state[name] = {k: v.cpu() for k, v in entry.items()}
         if not main:
@@ -490,12 +490,12 @@ class MuonClip(torch.optim.Optimizer):
                 entry = sd["state"].get(self.names[p])
                 if entry is None:
                     continue
-                w = dist.local(p)
+                w = parallel.local(p)
                 if group["kind"] == "muon":
                     if self.owner[p] == self.rank:
                         self.state[p] = {"momentum_buffer": entry["momentum_buffer"].to(w.device, w.dtype, copy=True)}
                 else:
-                    self.state[p] = {k: v.clone() if k == "step" else dist.local_rows(p, v).to(w.device, w.dtype, copy=True)
+                    self.state[p] = {k: v.clone() if k == "step" else parallel.local_rows(p, v).to(w.device, w.dtype, copy=True)
                                      for k, v in entry.items()}
 
     @torch.no_grad()

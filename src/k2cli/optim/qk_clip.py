@@ -67,9 +67,8 @@ def clip_heads(attn_layers: list, max_logits: Tensor, tau: float) -> Tensor:
     S = max_logits.float()
     over = S > tau  # [L, H]; heads with non-finite maxima (NaN) are never "over"
     counts = over.sum(dim=1)
-    for attn, s, o, hit in zip(attn_layers, S, over, over.any(dim=1).tolist()):
-        if not hit:
-            continue  # nothing above tau in this layer: leave its weights alone entirely
-        # only the clipped heads get a factor != 1; x * 1.0 == x exactly for the others
+    for attn, s, o in zip(attn_layers, S, over):
+        # only the clipped heads get a factor != 1; x * 1.0 == x exactly for the others. (Every
+        # layer is scaled, clipped or not: asking which layers have a hit would wait on the device.)
         scale_head_logits(attn, torch.where(o, tau / s, torch.ones_like(s)))
     return counts

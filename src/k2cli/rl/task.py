@@ -137,9 +137,9 @@ class RLTask:
     def weight(self, micro: dict) -> float:
         return float(micro["unit"].sum())
 
-    def loss(self, model, micro: dict, stats) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, object]:
         n = int(micro["length"].max())  # trim the padding this micro-batch does not need
-        logits = model(micro["input_ids"][:, :n], stats=stats)  # [B, n, V]
+        logits, stats = model(micro["input_ids"][:, :n], stats=True, max_logits=max_logits)  # [B, n, V]
         tok_logp, seq_logp = sequence_logprobs(logits, micro["targets"][:, :n])  # [B, n], [B]
         kind, coef = micro["kind"], micro["coef"]
         rl = (kind == RL).float()
@@ -151,7 +151,7 @@ class RLTask:
         if bool(rl.any()):
             ratio = (seq_logp - micro["old_logp"]).detach()[rl.bool()]
             extras = {"log_ratio_mean": float(ratio.mean()), "log_ratio_abs_max": float(ratio.abs().max())}
-        return total, extras
+        return total, extras, stats
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -306,7 +306,7 @@ class RLTask:
     @torch.no_grad()
     def old_logprobs(self, batch: dict, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_old(y|x) per row [N] and the per-row token NLL sums [N], with the current weights."""
-        from k2cli.train.loop import autocast_for
+        from k2cli.train.loop import precision_for
 
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -315,7 +315,7 @@ class RLTask:
         try:
             for s in range(0, batch["input_ids"].shape[0], chunk):
                 n = int(batch["length"][s: s + chunk].max())
-                with autocast_for(device, self.precision):
+                with precision_for(self.model, device, self.precision):
                     logits = self.model(batch["input_ids"][s: s + chunk, :n].to(device))
                 tok, sq = sequence_logprobs(logits, batch["targets"][s: s + chunk, :n].to(device))
                 seq.append(sq.float().cpu())

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 from k2cli.model.generate import _left_pad
+from k2cli.model.precision import inference_dtype
 
 HEADROOM = 64  # cache columns allocated beyond the longest row, so most steps append in place
 
@@ -113,8 +114,9 @@ class BatchCache:
         cfg = model.config
         p = next(model.parameters())
         L = cfg.num_hidden_layers
-        latent = torch.zeros(L, batch, capacity, cfg.kv_lora_rank, device=p.device, dtype=p.dtype)
-        k_rope = torch.zeros(L, batch, capacity, cfg.qk_rope_head_dim, device=p.device, dtype=p.dtype)
+        dtype = getattr(model, "compute_dtype", None) or p.dtype  # the activations' dtype (bf16 on CUDA, see Engine)
+        latent = torch.zeros(L, batch, capacity, cfg.kv_lora_rank, device=p.device, dtype=dtype)
+        k_rope = torch.zeros(L, batch, capacity, cfg.qk_rope_head_dim, device=p.device, dtype=dtype)
         return cls(latent, k_rope, 0, pads)
 
     @property
@@ -159,9 +161,12 @@ def rebuild(parts: list[tuple[BatchCache, torch.Tensor]], headroom: int = HEADRO
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 32, max_context: int | None = None):
+    def __init__(self, model, max_batch: int = 32, max_context: int | None = None, precision: str = "auto"):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        # The served model computes in bf16 on CUDA, in its weights' dtype on CPU (auto), or as asked:
+        # weights stay float32, each matmul casts them (model/precision.py).
+        model.compute_dtype = inference_dtype(model, self.device, precision)
         self.max_batch = max_batch
         limit = model.config.max_position_embeddings
         self.context = min(max_context, limit) if max_context else limit

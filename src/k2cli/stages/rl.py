@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import rich_click as click
 
+from k2cli import parallel
 from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
 from k2cli.data.tokenizer import load_tokenizer
@@ -36,7 +37,6 @@ from k2cli.rl.objective import TemperatureConfig
 from k2cli.rl.plots import plot_rewards, plot_rollout_stats
 from k2cli.rl.task import RLConfig, RLTask
 from k2cli.stages.runner import RunOptions, Stage, load_parent
-from k2cli.train import distributed as dist
 from k2cli.train.loop import TrainConfig, pick_device
 
 
@@ -61,7 +61,7 @@ class RLRecipe:
             raise K2Error(f"train.batch_size={self.train.batch_size} rollouts do not split into prompts of "
                           f"rl.samples_per_prompt={self.rl.samples_per_prompt}",
                           "make train.batch_size (rollouts per step) a multiple of rl.samples_per_prompt")
-        if dist.launched_world_size() > 1:
+        if parallel.launched_world_size() > 1:
             raise K2Error("k2 rl runs in one process (its rollouts and critic are not distributed)", "run it without torchrun")
 
 

@@ -45,12 +45,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from k2cli import parallel
 from k2cli.artifacts import Artifact, ArtifactWriter, artifacts_root, using_root
 from k2cli.artifacts import up_to_date as _latest_if_same
 from k2cli.console import err
 from k2cli.errors import K2Error
 from k2cli.recipes import to_dict, validate
-from k2cli.train import distributed as dist
 from k2cli.train.outputs import run_dir_for, write_model_outputs
 from k2cli.train.progress import read_metrics
 
@@ -125,7 +125,7 @@ class Stage:
         art = _latest_if_same(self.name, self.kind, self.recipe, self.inputs, self.opts.out)
         if art is not None:
             _release_followers()  # the other ranks find the same artifact and return too
-            if dist.is_main():  # make chain and reproduce/run.py look for this line
+            if parallel.is_main():  # make chain and reproduce/run.py look for this line
                 err.print(f"[green]up to date:[/] {art.id} was made from the same recipe and inputs "
                           "(drop --reuse to make it again)", soft_wrap=True)
         return art
@@ -134,7 +134,7 @@ class Stage:
         """<root>/<stage>/runs/<id>: the same recipe on the same inputs (`key`) is the same run, and resumes.
         On --restart (resume "no") rank 0 clears it first."""
         self.dir = run_dir_for(self.name, self.recipe, key) if name is None else artifacts_root() / self.name / "runs" / name
-        if self.resume == "no" and self.dir.exists() and dist.is_main():
+        if self.resume == "no" and self.dir.exists() and parallel.is_main():
             shutil.rmtree(self.dir)
         return self.dir
 
@@ -191,13 +191,13 @@ def begin_stage(resume: str = "auto") -> str:
     `_release_followers`). Returns the `resume` mode this rank must use: rank 0 already cleared the run
     directory, so for the others "no" becomes "auto" (they must not delete what rank 0 wrote since)."""
     global _followers_waiting
-    if dist.launched_world_size() <= 1:
+    if parallel.launched_world_size() <= 1:
         return resume
-    dist._init()
-    if dist.is_main():
+    parallel.init()
+    if parallel.is_main():
         _followers_waiting = True
         return resume
-    dist.wait_for_main()  # until rank 0 calls _release_followers()
+    parallel.wait_for_main()  # until rank 0 calls _release_followers()
     return "auto" if resume == "no" else resume
 
 
@@ -205,7 +205,7 @@ def _release_followers() -> None:
     global _followers_waiting
     if _followers_waiting:
         _followers_waiting = False
-        dist.wait_for_main()
+        parallel.wait_for_main()
 
 
 def artifact_writer(**kw):
@@ -213,9 +213,9 @@ def artifact_writer(**kw):
     the others get a stand-in whose files go to a scratch directory and whose `commit()` waits
     for rank 0's and returns the same artifact (path and manifest)."""
     _release_followers()
-    if not dist.is_distributed():
+    if not parallel.is_distributed():
         return ArtifactWriter(**kw)
-    return _MainWriter(**kw) if dist.is_main() else _FollowerWriter(**kw)
+    return _MainWriter(**kw) if parallel.is_main() else _FollowerWriter(**kw)
 
 
 class _MainWriter(ArtifactWriter):
@@ -224,7 +224,7 @@ class _MainWriter(ArtifactWriter):
 
     def commit(self, summary: str = "") -> Artifact:
         art = super().commit(summary)
-        dist.broadcast_object((str(art.path), art.manifest))
+        parallel.broadcast_object((str(art.path), art.manifest))
         return art
 
 
@@ -234,7 +234,7 @@ class _FollowerWriter:
     def __init__(self, **kw):
         self.stage = kw.get("stage", "artifact")
         self.metrics = {}
-        self.dir = Path(tempfile.mkdtemp(prefix=f"k2-rank{dist.rank()}-{self.stage}-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"k2-rank{parallel.rank()}-{self.stage}-"))
 
     def __enter__(self):
         return self
@@ -244,5 +244,5 @@ class _FollowerWriter:
         return False
 
     def commit(self, summary: str = "") -> Artifact:
-        path, manifest = dist.broadcast_object(None)
+        path, manifest = parallel.broadcast_object(None)
         return Artifact(Path(path), manifest)

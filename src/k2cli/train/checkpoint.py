@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from k2cli import parallel
 from k2cli.errors import K2Error
-from k2cli.train import distributed as dist
 
 FORMAT = 2
 
@@ -80,18 +80,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, recipe: dict, ex
     the momentum on rank 0, which writes) and returns once rank 0 is done."""
     sd = {}
     for k, v in model.state_dict().items():  # the module itself, not a DDP wrapper: plain names
-        v = dist.full_tensor(v)  # FSDP: all-gather, on every rank
-        if dist.is_main():
+        v = parallel.full_tensor(v)  # FSDP: all-gather, on every rank
+        if parallel.is_main():
             sd[k] = v.detach().contiguous().cpu()
     osd = optimizer.canonical_state_dict()
     dest = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-    if dist.is_main():
+    if parallel.is_main():
         if getattr(model.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        meta = {"world_size": dist.world_size(), "parallel": recipe.get("train", {}).get("parallel", "ddp")}
+        meta = {"world_size": parallel.world_size(), "parallel": recipe.get("train", {}).get("parallel", "ddp")}
         _write(run_dir, step, sd, osd, {"step": step, "rng": rng_state(), "recipe": recipe, "extra": extra or {},
                                         "format": FORMAT, "saved_by": meta}, keep)
-    dist.wait_for_main()
+    parallel.wait_for_main()
     return dest
 
 

@@ -24,10 +24,10 @@ class LMTask:
     def weight(self, micro: dict) -> float:
         return float((micro["targets"] != -100).sum())
 
-    def loss(self, model, micro: dict, stats) -> tuple[torch.Tensor, dict]:
-        logits = model(micro["input_ids"], stats=stats)
+    def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, object]:
+        logits, stats = model(micro["input_ids"], stats=True, max_logits=max_logits)
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), micro["targets"].flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, {}
+        return loss_sum, {}, stats
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

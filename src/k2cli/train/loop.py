@@ -6,7 +6,7 @@ is. Everything else is here, once:
     for each optimizer step:
         batch = task.batch(step)                       # a pure function of (seed, step)
         for each micro-batch (this rank's slice):      # gradient accumulation
-            loss_sum, stats = task.loss(model, micro)  # stats: MoE balance loss, expert loads, max logits
+            loss_sum, extras, stats = task.loss(model, micro, max_logits)  # stats: MoE balance loss, loads, max logits
             backward((loss_sum / units in the global batch) + alpha * balance loss)
         clip the gradient norm; set the scheduled lr; optimizer step (Muon / AdamW)
         QK-Clip on heads whose max logit exceeded tau           (MuonClip)
@@ -16,7 +16,7 @@ is. Everything else is here, once:
 Dividing every micro-batch's loss SUM by the unit count of the whole global batch makes the
 accumulated gradient identical to one big batch, on one rank or many.
 
-Under torchrun (see train/distributed.py and docs/distributed.md) the same function runs on
+Under torchrun (see k2cli/parallel/, stages/runner.py and docs/distributed.md) the same function runs on
 every rank: it joins the process group, wraps the model for `train.parallel` (ddp | fsdp),
 trains on this rank's disjoint rows of each global batch, and only rank 0 logs and writes.
 """
@@ -33,12 +33,13 @@ from typing import Protocol
 
 import torch
 
+from k2cli import parallel
 from k2cli.errors import Interrupted, K2Error
 from k2cli.model.moe import update_router_biases
+from k2cli.model.precision import compute_dtype, resolve_precision
 from k2cli.model.transformer import ForwardStats
 from k2cli.optim.muon import OptimConfig, build_optimizer
 from k2cli.optim.schedule import ScheduleConfig, lr_at
-from k2cli.train import distributed as dist
 from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from k2cli.train.mfu import training_peak_tflops
 from k2cli.train.progress import MetricsLog, TrainProgress
@@ -58,7 +59,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: activations; weights stay fp32
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
     track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
@@ -73,9 +74,9 @@ class TrainConfig:
             raise K2Error(f"train.seq_len must be >= 2, got {self.seq_len}", "set a longer sequence length")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise K2Error(f"unknown train.precision '{self.precision}'", "use auto, fp32 or bf16")
-        if self.parallel not in dist.PARALLEL:
+        if self.parallel not in parallel.PARALLEL:
             raise K2Error(f"unknown train.parallel '{self.parallel}'", "use ddp or fsdp")
-        world = dist.launched_world_size()  # under torchrun, known before the process group exists
+        world = parallel.launched_world_size()  # under torchrun, known before the process group exists
         if self.batch_size % world:
             raise K2Error(f"train.batch_size={self.batch_size} sequences do not split over {world} ranks",
                           f"make train.batch_size a multiple of the world size ({world})")
@@ -90,7 +91,9 @@ class Task(Protocol):
 
     def weight(self, micro: dict) -> float: ...  # loss units in a micro-batch (e.g. target tokens)
 
-    def loss(self, model, micro: dict, stats: ForwardStats) -> tuple[torch.Tensor, dict]: ...  # (SUM, extra sums)
+    # (loss SUM, extra metric sums, the model's ForwardStats): the task runs
+    # model(ids, stats=True, max_logits=max_logits) and returns the stats with its loss
+    def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, ForwardStats]: ...
 
     def evaluate(self, model) -> dict: ...  # e.g. {"val_loss": ...}
 
@@ -114,15 +117,44 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise K2Error(f"train.device={name} but no CUDA device is available", "use --set train.device=cpu")
-    if name == "cuda" and dist.is_distributed():
-        return torch.device("cuda", dist.local_rank())  # each rank on its own GPU
+    if name == "cuda" and parallel.is_distributed():
+        return torch.device("cuda", parallel.local_rank())  # each rank on its own GPU
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def precision_for(model, device: torch.device, precision: str):
+    """The context in which `model` computes in `precision` on `device` (model/precision.py)."""
+    return compute_dtype(model, resolve_precision(precision, device))
+
+
+def to_host(named: dict) -> dict:
+    """A step's logged tensors in ONE device-to-host transfer: name -> float (0-d), list (1-d) or
+    list of lists (2-d). float32 and integer values convert exactly."""
+    flat = torch.cat([t.detach().reshape(-1).double() for t in named.values()]).tolist()
+    out, i = {}, 0
+    for k, t in named.items():
+        vals, i = flat[i : i + t.numel()], i + t.numel()
+        if t.dim() == 2:
+            vals = [vals[r * t.shape[1] : (r + 1) * t.shape[1]] for r in range(t.shape[0])]
+        out[k] = vals[0] if t.dim() == 0 else vals
+    return out
+
+
+@contextmanager
+def compile_errors(compiling: bool):
+    """train.compile=true: a failure inside torch.compile becomes one clear K2Error (never a silent
+    fall back to eager)."""
+    if not compiling:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise K2Error(f"train.compile=true: torch.compile failed ({type(e).__name__}: {first})",
+                      "turn compilation off with --set train.compile=false") from e
 
 
 @contextmanager
@@ -154,7 +186,7 @@ def split_batch(batch: dict, size: int) -> list[dict]:
 
 def local_slice(batch: dict) -> dict:
     """This rank's disjoint share of the global batch."""
-    world, r = dist.world_size(), dist.rank()
+    world, r = parallel.world_size(), parallel.rank()
     if world == 1:
         return batch
     n = next(iter(batch.values())).shape[0]
@@ -164,7 +196,7 @@ def local_slice(batch: dict) -> dict:
     return {k: v[r * per : (r + 1) * per] for k, v in batch.items()}
 
 
-@dist.report_lost_ranks()  # under torchrun: a dead or hung rank -> one clear K2Error, not a hang
+@parallel.report_lost_ranks()  # under torchrun: a dead or hung rank -> one clear K2Error, not a hang
 def train(
     model,
     task: Task,
@@ -182,21 +214,23 @@ def train(
     resume: "auto" continues from the run directory's latest checkpoint if there is one,
     "yes" requires one, "no" starts over. `wrap(model) -> forward module` applies
     data parallelism or sharding from outside; by default, under torchrun, `train.parallel`
-    picks DDP or FSDP2 (train.distributed.wrap). The optimizer always sees the unwrapped
+    picks DDP or FSDP2 (parallel.wrap). The optimizer always sees the unwrapped
     model. FSDP shards `model` in place: use the returned `RunResult.model` (whole weights).
     """
     cfg.validate()
-    dist.setup()  # under torchrun: join the process group (no-op in one process)
+    parallel.setup()  # under torchrun: join the process group (no-op in one process)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    dtype = resolve_precision(cfg.precision, device)  # the activations' dtype; weights stay float32
     model.to(device)
     clip_qk = optim_cfg.name == "muonclip"
+    track_max_logits = clip_qk or cfg.track_max_logits
 
     start = 0
     resumed_from = None
     # rank 0 decides, so that every rank resumes from the same checkpoint (on shared storage)
-    ckpt = dist.broadcast_object(latest_checkpoint(run_dir) if resume != "no" and dist.is_main() else None)
+    ckpt = parallel.broadcast_object(latest_checkpoint(run_dir) if resume != "no" and parallel.is_main() else None)
     if resume == "yes" and ckpt is None:
         raise K2Error(f"nothing to resume: {run_dir} has no checkpoint", "drop --resume to start a new run")
     if ckpt is not None:
@@ -204,63 +238,92 @@ def train(
         start = resumed_from = state["step"]
         if hasattr(task, "load_state_dict"):
             task.load_state_dict(state.get("extra", {}).get("task"))
-        if dist.is_main():
+        if parallel.is_main():
             from k2cli.console import info
 
             info(f"[yellow]resuming[/] {title} from step {start} ({ckpt})")
     if start >= cfg.steps:
         return RunResult(model, start, [], run_dir, resumed_from)
 
-    forward_model = wrap(model) if wrap else dist.wrap(model, cfg.parallel)  # FSDP makes model's params shards
+    forward_model = wrap(model) if wrap else parallel.wrap(model, cfg.parallel)  # FSDP makes model's params shards
     optimizer = build_optimizer(model, optim_cfg)  # on the (possibly sharded) parameters
     if ckpt is not None:
         load_optimizer_state(ckpt, optimizer)
     if cfg.compile:
-        forward_model = torch.compile(forward_model)
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if dist.is_main() else None
+        # one graph for the whole forward (fullgraph: a graph break is an error, not a slow path)
+        forward_model = torch.compile(forward_model, fullgraph=True)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if parallel.is_main() else None
     peak = training_peak_tflops(device, cfg.peak_tflops, model.config)  # TFLOP/s, the MFU denominator (train/mfu.py)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
-    amp = autocast_for(device, cfg.precision)
-    progress = TrainProgress(title, cfg.steps, start, enabled=dist.is_main())
+    progress = TrainProgress(title, cfg.steps, start, enabled=parallel.is_main())
     history = []
     t_last = time.perf_counter()
     t_begin = t_last
 
-    with stop_signals() as stop:
+    # the whole run computes in `dtype`: the task's batches (RL rollouts), losses and evaluations
+    with stop_signals() as stop, compute_dtype(model, dtype):
         try:
             for step in range(start, cfg.steps):
                 model.train()
                 micros = split_batch(local_slice(task.batch(step)), cfg.micro_batch_size)
                 units = torch.tensor(float(sum(task.weight(m) for m in micros)), device=device)
-                units = dist.all_reduce_sum(units).clamp(min=1.0)
+                units = parallel.all_reduce_sum(units).clamp(min=1.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=device)
                 balance = torch.zeros((), device=device)
                 max_logits, loads, extras, tokens = None, None, {}, 0
                 for i, micro in enumerate(micros):
                     micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
-                    stats = ForwardStats(track_max_logits=clip_qk or cfg.track_max_logits)
-                    sync = dist.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
+                    sync = parallel.no_sync(forward_model) if i < len(micros) - 1 else nullcontext()
                     with sync:
-                        with amp:
-                            part, extra = task.loss(forward_model, micro, stats)
-                            bal = stats.balance_loss().to(device)
+                        with compile_errors(cfg.compile):
+                            part, extra, stats = task.loss(forward_model, micro, track_max_logits)
+                            bal = stats.balance_loss.to(device)
                         # DDP/FSDP average gradients over ranks: x world_size makes that average the
                         # global SUM / units; the balance loss is a per-rank mean, averaged as it is
-                        (part * dist.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
+                        with compile_errors(cfg.compile):
+                            (part * parallel.world_size() / units + cfg.balance_loss_alpha * bal / len(micros)).backward()
                     loss_sum += part.detach().float()
                     balance += bal.detach().float() / len(micros)
-                    tokens += int(micro["input_ids"].numel())
-                    m = stats.max_logit_matrix()
+                    tokens += micro["input_ids"].numel()
+                    m = stats.max_logits
                     if m is not None:
                         max_logits = m if max_logits is None else torch.maximum(max_logits, m)
-                    ld = stats.load_matrix()
+                    ld = stats.expert_counts
                     if ld is not None:
                         loads = ld.float() if loads is None else loads + ld.float()
-                    for k, v in extra.items():
-                        extras[k] = extras.get(k, 0.0) + float(v)
+                    for k, v in extra.items():  # tensors stay on the device until the one transfer below
+                        extras[k] = extras.get(k, 0.0) + v
 
-                loss = float(dist.all_reduce_sum(loss_sum) / units)
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                grad_norm = parallel.full_tensor(grad_norm)  # FSDP: a DTensor of partial norms
+                lr = lr_at(step, cfg.steps, optim_cfg.lr, schedule_cfg)
+                optimizer.set_lr(lr)
+                optimizer.step()
+
+                # Everything logged is gathered on the device and crosses to the host ONCE per step
+                # (the step itself never waits on the host: no .item()/.tolist() before this point).
+                logged = {"loss": parallel.all_reduce_sum(loss_sum) / units, "grad_norm": grad_norm}
+                if max_logits is not None:
+                    logged["max_logits"] = max_logits = parallel.all_reduce_max(max_logits)
+                    if clip_qk:
+                        logged["clipped"] = optimizer.clip_qk(max_logits)
+                if loads is not None:
+                    loads = parallel.all_reduce_sum(loads)
+                    if cfg.bias_update_rate > 0:
+                        update_router_biases(model.routers(), loads, cfg.bias_update_rate)
+                    logged["imbalance"] = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # [L_moe]
+                    logged["expert_load"] = loads / loads.sum(dim=1, keepdim=True)  # [L_moe, E]
+                    logged["balance"] = parallel.all_reduce_sum(balance) / parallel.world_size()
+                if extras:  # task metrics, averaged over micro-batches (and ranks)
+                    sums = torch.stack([torch.as_tensor(extras[k], dtype=torch.float64, device=device) for k in sorted(extras)])
+                    logged["extras"] = parallel.all_reduce_sum(sums) / parallel.world_size()
+                host = to_host(logged)
+
+                loss = host["loss"]
                 if not math.isfinite(loss):
                     last = latest_checkpoint(run_dir)
                     raise K2Error(
@@ -268,44 +331,28 @@ def train(
                         + (f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written yet"),
                         "lower optim.lr, raise schedule.warmup_steps, or use train.grad_clip",
                     )
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                grad_norm = dist.full_tensor(grad_norm)  # FSDP: a DTensor of partial norms
-                lr = lr_at(step, cfg.steps, optim_cfg.lr, schedule_cfg)
-                optimizer.set_lr(lr)
-                optimizer.step()
-
-                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
-                if max_logits is not None:
-                    max_logits = dist.all_reduce_max(max_logits)
-                    record["max_logit"] = float(max_logits.max())
-                    record["max_logit_per_layer"] = max_logits.max(dim=1).values.tolist()
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": host["grad_norm"]}
+                if "max_logits" in host:
+                    per_layer = [max(row) for row in host["max_logits"]]
+                    record["max_logit"] = max(per_layer)
+                    record["max_logit_per_layer"] = per_layer
                     if clip_qk:
-                        clipped = optimizer.clip_qk(max_logits)
-                        record["heads_clipped"] = [int(c) for c in clipped]
-                        record["heads_clipped_total"] = int(clipped.sum())
-                if loads is not None:
-                    loads = dist.all_reduce_sum(loads)
-                    if cfg.bias_update_rate > 0:
-                        update_router_biases(model.routers(), loads, cfg.bias_update_rate)
-                    imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).tolist()
+                        record["heads_clipped"] = [int(c) for c in host["clipped"]]
+                        record["heads_clipped_total"] = sum(record["heads_clipped"])
+                if "imbalance" in host:
+                    imbalance = host["imbalance"]
                     record["expert_imbalance"] = sum(imbalance) / len(imbalance)
                     record["expert_imbalance_per_layer"] = imbalance
-                    record["expert_load"] = (loads / loads.sum(dim=1, keepdim=True)).tolist()
-                    record["balance_loss"] = float(dist.all_reduce_sum(balance) / dist.world_size())
+                    record["expert_load"] = host["expert_load"]
+                    record["balance_loss"] = host["balance"]
 
                 now = time.perf_counter()
-                global_tokens = tokens * dist.world_size()
+                global_tokens = tokens * parallel.world_size()
                 record["tokens"] = global_tokens
                 record["tokens_per_s"] = global_tokens / max(now - t_last, 1e-9)
-                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * dist.world_size())
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * parallel.world_size())
                 record["elapsed_s"] = now - t_begin
-                if dist.world_size() > 1 and extras:  # task metrics, averaged over micro-batches and ranks
-                    sums = dist.all_reduce_sum(torch.tensor([extras[k] for k in sorted(extras)], device=device))
-                    extras = dict(zip(sorted(extras), (sums / dist.world_size()).tolist()))
-                for k, v in extras.items():
+                for k, v in zip(sorted(extras), host.get("extras", [])):
                     record[k] = v / len(micros)
                 if hasattr(task, "step_metrics"):
                     record.update(task.step_metrics())
@@ -314,7 +361,7 @@ def train(
                 done = step + 1
                 if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                     model.eval()
-                    with torch.no_grad(), amp:
+                    with torch.no_grad():
                         record.update(task.evaluate(model))
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 history.append(record)
@@ -322,7 +369,7 @@ def train(
                     log.write(record)
                 progress.update(done, record)
 
-                stopping = dist.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
+                stopping = parallel.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
                 if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
                     # every rank takes part (shards and momentum are gathered); rank 0 writes
                     task_state = {"task": task.state_dict()} if hasattr(task, "state_dict") else None
@@ -336,6 +383,6 @@ def train(
                     )
         finally:
             progress.close()
-    model = dist.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
+    model = parallel.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
     model.eval()
     return RunResult(model, cfg.steps, history, run_dir, resumed_from)
