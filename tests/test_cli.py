@@ -70,7 +70,7 @@ def test_bad_inputs(k2, tmp_path, artifacts_root):
     # a non-DeepseekV3 Hugging Face directory
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    assert_clean_error(k2("import-hf", tmp_path / "llama", ok=False), "not DeepseekV3")
+    assert_clean_error(k2("import-hf", tmp_path / "llama", ok=False), "model_type 'llama'", "k2 imports DeepseekV3ForCausalLM")
     assert_clean_error(k2("import-hf", tmp_path / "nothing", ok=False), "not a directory")
     # nothing half-written anywhere
     leftovers = [p for p in tmp_path.rglob(".tmp-*")]

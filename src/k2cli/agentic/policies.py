@@ -162,11 +162,11 @@ class ModelPolicy:
 
     @classmethod
     def from_ref(cls, ref: str, cfg: PolicyConfig) -> "ModelPolicy":
-        from k2cli.data.tokenizer import load_tokenizer
+        from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
         from k2cli.model.io import load_model
 
         model, art = load_model(ref)
-        if not art.has("tokenizer.json"):
+        if not has_tokenizer(art.path):
             raise K2Error(f"model {art.id} has no tokenizer", "use a model made by k2 pretrain/sft")
         model.eval()
         return cls(model, load_tokenizer(art.path), cfg, label=art.id)

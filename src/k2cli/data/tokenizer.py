@@ -365,6 +365,11 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether a directory (a model artifact, say) carries a tokenizer `load_tokenizer` can read."""
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tiktoken.model"))
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer stored in a directory (a model or tokenizer artifact, an HF tokenizer directory) or a
     tokenizer.json file. Detects k2's BPE / an HF tokenizer.json (+ tokenizer_config.json) / Kimi's

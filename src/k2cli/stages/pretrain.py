@@ -23,9 +23,10 @@ import rich_click as click
 from k2cli.artifacts import open_artifact
 from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
+from k2cli.data.loading import absolute_corpus_ref
 from k2cli.data.lm_data import build_lm_data, load_documents, split_token_documents, training_texts
 from k2cli.data.long_context import LongDataConfig, build_long_context_data, find_world
-from k2cli.data.tokenizer import load_tokenizer, train_tokenizer
+from k2cli.data.tokenizer import has_tokenizer, load_tokenizer, resolve_tokenizer, train_tokenizer
 from k2cli.errors import K2Error
 from k2cli.lineage import Split, corpus_split, split_record
 from k2cli.model.config import ModelConfig, human
@@ -43,7 +44,7 @@ class TokenizerConfig:
     vocab_size: int = 2048
     min_frequency: int = 2
     split_digits: bool = True  # every digit its own token (see data/tokenizer.py)
-    ref: str = ""  # reuse the tokenizer of this tokenizer/model artifact instead of training one
+    ref: str = ""  # use this tokenizer instead of training one: a tokenizer/model artifact, an HF tokenizer directory, a tokenizer.json or a tiktoken.model
 
 
 @dataclass
@@ -97,6 +98,11 @@ def check_same_split(init_art, data_art, split: Split):
 
 def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
     t0 = time.time()
+    # paths are recorded absolute, so later stages run from any directory find the same files
+    ref = recipe.tokenizer.ref
+    recipe = dataclasses.replace(
+        recipe, data=dataclasses.replace(recipe.data, input=absolute_corpus_ref(recipe.data.input)),
+        tokenizer=dataclasses.replace(recipe.tokenizer, ref=str(Path(ref).expanduser().resolve()) if ref and Path(ref).expanduser().exists() else ref))
     with Stage("pretrain", "model", recipe, opts) as st:
         # 1. data, and the documents held out of it (recorded in the manifest for later stages and evals)
         ds, data_art, fingerprint = load_documents(recipe.data)
@@ -107,18 +113,24 @@ def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
             if recipe.tokenizer.ref:
                 raise K2Error(f"both init={recipe.init} and tokenizer.ref={recipe.tokenizer.ref}",
                               "drop tokenizer.ref: a continued model keeps its own tokenizer")
-            if not init_art.has("tokenizer.json"):
+            if not has_tokenizer(init_art.path):
                 raise K2Error(f"model {init_art.id} has no tokenizer", "continue a model made by k2 pretrain")
             check_same_split(init_art, data_art, split)
-        tok_art = init_art or (open_artifact(recipe.tokenizer.ref, kind=("tokenizer", "model")) if recipe.tokenizer.ref else None)
+        # a tokenizer given (tokenizer.ref: an artifact, an HF tokenizer directory, a tokenizer.json or a
+        # tiktoken.model), or the continued model's; otherwise one is trained below
+        tokenizer, tok_art = (load_tokenizer(init_art.path), init_art) if init_art else \
+            resolve_tokenizer(recipe.tokenizer.ref) if recipe.tokenizer.ref else (None, None)
         if done := st.up_to_date([data_art, tok_art]):  # with --init, tok_art is the continued model
             return done
-        run_dir = st.run_dir([fingerprint] + ([init_art.manifest["uid"]] if init_art else []))
+        run_dir = st.run_dir([fingerprint] + ([init_art.manifest["uid"]] if init_art else [])
+                             + ([tokenizer.fingerprint()] if tokenizer is not None and tok_art is None else []))
         # 2. tokenizer (and, continuing a model, that model: its tokenizer and config win over the recipe's)
-        if tok_art is not None:
-            tokenizer = load_tokenizer(tok_art.path)
-        else:  # trained on the training documents, kept in the run directory so a resumed run uses the very same
-            tokenizer = train_or_reuse_tokenizer(recipe.tokenizer, lambda: training_texts(ds, split), run_dir / "tokenizer")
+        tok_dir = tok_art.path if tok_art is not None else run_dir / "tokenizer"
+        if tokenizer is not None and tok_art is None:  # a file the user named: the run (and the model) keep a copy
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(tok_dir)
+        elif tokenizer is None:  # trained on the training documents, kept in the run directory so a resumed run uses the very same
+            tokenizer = train_or_reuse_tokenizer(recipe.tokenizer, lambda: training_texts(ds, split), tok_dir)
         if init is not None:
             cfg = init.config
         else:  # 3. the model's vocabulary follows the tokenizer; its context must hold a training row
@@ -177,7 +189,7 @@ def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
         ]
         with st.writer(data_split=split_record(split.corpus, data.n_docs, split.val_fraction, split.seed)) as w:
             w.metrics = metrics | {"wall_s": round(time.time() - t0, 1)}
-            st.write_model(w, trained, tok_art.path if tok_art else run_dir / "tokenizer", summary,
+            st.write_model(w, trained, tok_dir, summary,
                            reference={"unigram entropy": data.unigram_entropy})
             art = w.commit(summary=f"pretrained {cfg.name}: val loss {val:.3f} (unigram {data.unigram_entropy:.3f})"
                            if val is not None else f"pretrained {cfg.name}")

@@ -23,7 +23,7 @@ import rich_click as click
 from k2cli import parallel
 from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info
-from k2cli.data.tokenizer import load_tokenizer
+from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
 from k2cli.errors import K2Error
 from k2cli.model.io import load_model
 from k2cli.optim.muon import OptimConfig
@@ -144,7 +144,7 @@ def load_inputs(recipe: RLRecipe) -> Setup:
     critic_model, critic_tok = model, tokenizer
     if recipe.critic.model:
         critic_model, critic_art = load_model(recipe.critic.model, verify=True)  # a dataset here: "expected model"
-        if not critic_art.has("tokenizer.json"):
+        if not has_tokenizer(critic_art.path):
             raise K2Error(f"critic model {critic_art.id} has no tokenizer", "use a chat model made by k2 sft as critic.model")
         critic_tok = load_tokenizer(critic_art.path)
         inputs.append(critic_art)

@@ -165,12 +165,12 @@ class Stage:
 def load_parent(ref: str, hint: str, seq_len: int | None = None):
     """The model a stage continues (verified), with its tokenizer: (model, artifact, tokenizer). `hint` says
     which model to pass instead; `seq_len` (train.seq_len) must fit the model's positions."""
-    from k2cli.data.tokenizer import load_tokenizer
+    from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
     from k2cli.model.io import load_model
 
     model, art = load_model(ref, verify=True)
-    if not art.has("tokenizer.json"):
-        raise K2Error(f"model {art.id} has no tokenizer", hint)
+    if not has_tokenizer(art.path):
+        raise K2Error(f"model {art.id} has no tokenizer (no tokenizer.json or tiktoken.model)", hint)
     check_fits(seq_len or 0, model.config)
     return model, art, load_tokenizer(art.path)
 

@@ -36,7 +36,7 @@ def resolve_device(device: str) -> str:
 
 def load_chat_model(ref: str, device: str = "auto"):
     """(model, tokenizer, artifact) of a model artifact that carries a tokenizer."""
-    from k2cli.data.tokenizer import load_tokenizer
+    from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
     from k2cli.model.io import load_model
 
     device = resolve_device(device)
@@ -45,7 +45,7 @@ def load_chat_model(ref: str, device: str = "auto"):
     except RuntimeError as e:  # an unavailable device, or weights that do not fit the model
         hint = "check that the artifact is complete (k2 artifacts verify)" if device == "cpu" else "pass --device cpu"
         raise K2Error(f"cannot load {ref} on {device}: {str(e).splitlines()[0]}", hint)
-    if not art.has("tokenizer.json"):
+    if not has_tokenizer(art.path):
         raise K2Error(f"model {art.id} has no tokenizer", "serve a model made by k2 pretrain / sft / rl")
     return model, load_tokenizer(art.path), art
 
