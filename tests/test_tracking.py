@@ -59,3 +59,19 @@ def test_missing_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(K2Error, match="needs the wandb package"):
         Tracker(["wandb"], tmp_path, "t", {})
+
+
+def test_pretrain_with_train_track_tensorboard_writes_event_files(k2, artifacts_root):
+    pytest.importorskip("tensorboard")
+    k2("data", "synth", "--preset", "micro")
+    k2("rephrase", "--preset", "micro")
+    k2("pretrain", "--preset", "micro", "--set", "train.steps=3", "--set", "train.track=tensorboard")
+    art = artifacts_root / "pretrain" / "latest"
+    events = _read_events(art)
+    assert [step for step, _ in events["loss"]] == [1, 2, 3] and "val_loss" in events and "max_logit" in events
+
+
+def test_unknown_tracker_is_a_clean_error(k2):
+    from conftest import assert_clean_error
+
+    assert_clean_error(k2("pretrain", "--preset", "micro", "--set", "train.track=mlflow", ok=False), "unknown train.track 'mlflow'")

@@ -43,6 +43,7 @@ from k2cli.optim.schedule import ScheduleConfig, lr_at
 from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from k2cli.train.mfu import training_peak_tflops
 from k2cli.train.progress import MetricsLog, TrainProgress
+from k2cli.train.tracking import Tracker, parse_track
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
     track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
     parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (FSDP2 sharded); one process: ignored
+    track: str = ""  # also log every metric to: tensorboard | wandb | "tensorboard,wandb" (train/tracking.py); "" = off
 
     def validate(self):
         if self.steps < 1:
@@ -76,6 +78,7 @@ class TrainConfig:
             raise K2Error(f"unknown train.precision '{self.precision}'", "use auto, fp32 or bf16")
         if self.parallel not in parallel.PARALLEL:
             raise K2Error(f"unknown train.parallel '{self.parallel}'", "use ddp or fsdp")
+        parse_track(self.track)
         world = parallel.launched_world_size()  # under torchrun, known before the process group exists
         if self.batch_size % world:
             raise K2Error(f"train.batch_size={self.batch_size} sequences do not split over {world} ranks",
@@ -253,6 +256,7 @@ def train(
         # one graph for the whole forward (fullgraph: a graph break is an error, not a slow path)
         forward_model = torch.compile(forward_model, fullgraph=True)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resumed_from is not None else None) if parallel.is_main() else None
+    tracker = Tracker(parse_track(cfg.track) if parallel.is_main() else [], run_dir, title, recipe, resumed_from)
     peak = training_peak_tflops(device, cfg.peak_tflops, model.config)  # TFLOP/s, the MFU denominator (train/mfu.py)
     flops_per_token = model.config.flops_per_token(task.tokens_per_sequence)["train"]
     progress = TrainProgress(title, cfg.steps, start, enabled=parallel.is_main())
@@ -367,6 +371,7 @@ def train(
                 history.append(record)
                 if log is not None:
                     log.write(record)
+                tracker.log(record)
                 progress.update(done, record)
 
                 stopping = parallel.any_rank(stop["stop"] is not None)  # a signal may reach the ranks at different steps
@@ -383,6 +388,7 @@ def train(
                     )
         finally:
             progress.close()
+            tracker.close()
     model = parallel.full_model(model)  # FSDP: whole weights, gathered from the shards (every rank)
     model.eval()
     return RunResult(model, cfg.steps, history, run_dir, resumed_from)

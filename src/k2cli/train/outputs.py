@@ -30,13 +30,15 @@ def write_model_outputs(
     reference: dict | None = None,
     chat_template: str | None = None,
 ) -> None:
-    """Weights, config, tokenizer, metrics.jsonl, plots and summary.md into the artifact."""
+    """Weights, config, tokenizer, metrics.jsonl (and TensorBoard event files), plots and summary.md into the artifact."""
     save_model_files(model, w.dir)
     copy_tokenizer_files(tokenizer_dir, w.dir)
     metrics = Path(run_dir) / "metrics.jsonl"
     history = read_metrics(metrics)  # the whole run, including steps before a resume
     if metrics.exists():
         shutil.copy2(metrics, w.dir / "metrics.jsonl")
+    if (Path(run_dir) / "tensorboard").is_dir():  # train.track=tensorboard: the event files travel with the model
+        shutil.copytree(Path(run_dir) / "tensorboard", w.dir / "tensorboard")
     plots = []
     if history:
         plots.append(plot_loss(history, w.dir / "loss.png", f"{title}: loss", reference))
