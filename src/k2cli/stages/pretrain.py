@@ -36,7 +36,8 @@ from k2cli.optim.muon import OptimConfig
 from k2cli.optim.schedule import ScheduleConfig
 from k2cli.stages.runner import RunOptions, Stage, check_fits
 from k2cli.train.lm_task import LMTask
-from k2cli.train.loop import TrainConfig
+from k2cli.train.loop import TrainConfig, pick_device
+from k2cli.train.mfu import warn_if_gpu_preset_on_cpu
 
 
 @dataclass
@@ -155,7 +156,8 @@ def run(recipe: PretrainRecipe, opts: RunOptions = RunOptions()):
             mix_txt = "; mix: " + ", ".join(f"{k} {v}" for k, v in mixed.counts.items() if v) + " rows"
         info(f"pretrain: {data.n_docs} documents, {human(data.n_train_tokens)} training tokens, "
              f"{len(data.train)} rows x {recipe.train.seq_len}{mix_txt}; vocab {tokenizer.vocab_size}; run dir {run_dir}")
-        # 5. train
+        # 5. train (a GPU-sized model on a CPU: say so before the minutes it takes to build)
+        warn_if_gpu_preset_on_cpu(cfg, pick_device(recipe.train.device))
         model = build_model(cfg, seed=recipe.seed)
         if init is not None:
             model.load_state_dict(init.state_dict())
