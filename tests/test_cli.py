@@ -75,3 +75,24 @@ def test_bad_inputs(k2, tmp_path, artifacts_root):
     # nothing half-written anywhere
     leftovers = [p for p in tmp_path.rglob(".tmp-*")]
     assert leftovers == []
+
+
+STAGE_RECIPES = {"pretrain": "PretrainRecipe", "sft": "SFTRecipe", "rl": "RLRecipe", "extend_context": "ExtendRecipe",
+                 "eval": "EvalRecipe", "rephrase": "RephraseRecipe", "synth": "SynthRecipe", "agentic": "AgenticRecipe"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_RECIPES))
+def test_every_stage_help_example_is_a_valid_override(stage):
+    """The --set example each command's --help shows resolves (it used to be train.lr, a key no recipe has)."""
+    import importlib
+
+    from k2cli.commands.common import example_override
+    from k2cli.recipes import resolve_recipe
+
+    cls = getattr(importlib.import_module(f"k2cli.stages.{stage}"), STAGE_RECIPES[stage])
+    resolve_recipe(cls, stage, "micro", None, [example_override(cls)])
+
+
+def test_eval_list_suites_needs_no_model_and_no_model_is_a_clean_error(k2):
+    assert "perplexity" in k2("eval", "--list-suites").output
+    assert_clean_error(k2("eval", ok=False), "no model to evaluate")

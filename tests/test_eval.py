@@ -94,3 +94,17 @@ def test_answer_extraction_and_pass_at_k():
     assert extract_answer("it is 7 or maybe 9") == "9"
     assert extract_answer("no idea") is None
     assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 1) == 1.0 and pass_at_k(4, 2, 1) == pytest.approx(0.5)
+
+
+def test_eval_data_names_any_corpus_for_perplexity(k2, tmp_path, artifacts_root):
+    """`k2 eval MODEL --data file.jsonl`: perplexity on text that is not a k2 artifact."""
+    import json as _json
+
+    k2("data", "synth", "--preset", "micro")
+    k2("rephrase", "--preset", "micro")
+    k2("pretrain", "--preset", "micro", "--set", "train.steps=2")
+    texts = [f"City {i} lies on the river {i % 3}; its people trade salt and wool." for i in range(40)]
+    (tmp_path / "mine.jsonl").write_text("".join(_json.dumps({"text": t}) + "\n" for t in texts))
+    k2("eval", "pretrain:latest", "--suite", "perplexity", "--data", tmp_path / "mine.jsonl", "--set", "eval.seq_len=64")
+    results = _json.loads((artifacts_root / "eval" / "latest" / "results.json").read_text())["models"][0]["suites"]["perplexity"]
+    assert results["metrics"]["loss"] > 0 and any("mine.jsonl" in n for n in results.get("notes", [])), results

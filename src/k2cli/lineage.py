@@ -121,7 +121,9 @@ def corpus_split(art: Artifact, ref: str = "", val_fraction: float = 0.05, seed:
     return found
 
 
-def heldout_split(art: Artifact, data_art: Artifact) -> Split | None:
-    """The split the model's pre-training held out of `data_art`'s corpus, or None if it did not read it."""
+def heldout_split(art: Artifact, corpus) -> Split | None:
+    """The split the model's pre-training held out of `corpus` (a dataset Artifact, or a corpus path), or
+    None if it did not read it."""
     found = corpus_split(art, required=False)
-    return found if found is not None and found.same_corpus(data_art.path) else None
+    path = corpus.path if isinstance(corpus, Artifact) else corpus
+    return found if found is not None and Path(str(path)).exists() and found.same_corpus(path) else None

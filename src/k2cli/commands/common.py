@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import rich_click as click
@@ -10,13 +11,30 @@ from k2cli.console import print_recipe
 from k2cli.recipes import resolve_recipe, to_dict
 
 
+def example_override(recipe_cls) -> str:
+    """A valid `--set` example for this recipe: its learning rate or step count if it trains, else the
+    first value of its first section."""
+    fields = {f.name: f for f in dataclasses.fields(recipe_cls)}
+    for section, key, value in (("optim", "lr", "3e-3"), ("train", "steps", "100")):
+        if section in fields and key in {f.name for f in dataclasses.fields(fields[section].default_factory())}:
+            return f"{section}.{key}={value}"
+    for f in fields.values():
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(section := f.default_factory()):
+            for leaf in dataclasses.fields(section):
+                value = getattr(section, leaf.name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return f"{f.name}.{leaf.name}={value}"
+    return "seed=1"
+
+
 def recipe_options(stage: str, recipe_cls, default_preset: str | None = "tiny"):
     """Add --preset/--recipe/--set to a command; it receives `recipe` (resolved) and `recipe_source`."""
+    example = example_override(recipe_cls)
 
     def decorate(fn):
         @click.option("--preset", default=default_preset, show_default=True, help=f"Recipe preset: recipes/PRESET/{stage}.toml.")
         @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), default=None, help="A recipe TOML file (instead of the preset).")
-        @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. --set train.lr=3e-3 (repeatable).")
+        @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=f"Override a recipe value, e.g. --set {example} (repeatable).")
         @functools.wraps(fn)
         def wrapper(*args, preset, recipe_file, overrides, **kwargs):
             recipe, source = resolve_recipe(recipe_cls, stage, preset, recipe_file, overrides)

@@ -59,6 +59,14 @@ def _split_suffix(ref: str) -> tuple[str, str | None]:
     return str(ref), None
 
 
+def is_plain_corpus(ref: str) -> bool:
+    """Whether `ref` names a corpus that is not a k2 artifact: files, a folder, a saved dataset, hf:NAME."""
+    if parse_hub_ref(ref):
+        return True
+    path = Path(_split_suffix(ref)[0])
+    return path.exists() and not (path / "manifest.json").is_file()
+
+
 def absolute_corpus_ref(ref: str) -> str:
     """The reference to record in a manifest: local paths made absolute (never relative to the working
     directory); artifact refs (stage:vN) and Hub names as they are."""

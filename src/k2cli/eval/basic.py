@@ -16,16 +16,20 @@ from k2cli.lineage import heldout_split
 def heldout_texts(ctx, limit: int = 200) -> tuple[list[str], str]:
     """Documents the model did not train on, and where they came from.
 
-    If the model's pre-training read this corpus, the validation split it recorded is used
-    (k2cli.lineage); otherwise the whole corpus of the data artifact.
+    The corpus is --data's files (ctx.corpus) or the data artifact's corpus/. If the model's pre-training
+    read that corpus, the validation split it recorded is used (k2cli.lineage); otherwise all of it.
     """
     from k2cli.data.loading import load_corpus
 
-    if ctx.data_art is None or not (ctx.data_art.path / "corpus").is_dir():
+    if ctx.corpus:
+        ref, name = ctx.corpus, ctx.corpus
+    elif ctx.data_art is not None and (ctx.data_art.path / "corpus").is_dir():
+        ref, name = str(ctx.data_art.path), ctx.data_art.id
+    else:
         return [], "no corpus"
-    ds, _ = load_corpus(str(ctx.data_art.path))
-    how = f"all of {ctx.data_art.id}"
-    split = heldout_split(ctx.model_art, ctx.data_art)
+    ds, _ = load_corpus(ref)
+    how = f"all of {name}"
+    split = heldout_split(ctx.model_art, ref)
     if split is not None:
         ds = ds.select(split.indices(len(ds))[1])
         how = f"the validation split of {split.source.id}"
@@ -47,7 +51,7 @@ class Perplexity:
     description = "loss (nats/token), perplexity and bits per byte on held-out text"
 
     def applies(self, ctx):
-        return None if heldout_texts(ctx, 1)[0] else "no held-out corpus (pass --data with a dataset artifact)"
+        return None if heldout_texts(ctx, 1)[0] else "no held-out corpus (pass --data with a dataset artifact or text files)"
 
     @torch.no_grad()
     def run(self, ctx) -> SuiteResult:
@@ -76,7 +80,7 @@ class MaxLogit:
     description = "per-head maximum attention logits on held-out text (what QK-Clip bounds)"
 
     def applies(self, ctx):
-        return None if heldout_texts(ctx, 1)[0] else "no held-out corpus (pass --data with a dataset artifact)"
+        return None if heldout_texts(ctx, 1)[0] else "no held-out corpus (pass --data with a dataset artifact or text files)"
 
     @torch.no_grad()
     def run(self, ctx) -> SuiteResult:

@@ -53,6 +53,7 @@ class EvalContext:
     cfg: EvalConfig
     out_dir: Path  # where plots go
     label: str  # a short name of the model for tables and plots
+    corpus: str = ""  # --data naming text files (not an artifact): the corpus perplexity is measured on
 
     @property
     def device(self):

@@ -18,7 +18,8 @@ from k2cli import lineage
 from k2cli.artifacts import open_artifact
 from k2cli.commands.common import recipe_options, run_options
 from k2cli.console import info, out as stdout, table
-from k2cli.data.tokenizer import load_tokenizer
+from k2cli.data.loading import absolute_corpus_ref, is_plain_corpus
+from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
 from k2cli.errors import K2Error
 from k2cli.eval.suite import EvalConfig, EvalContext, all_suites, get_suite
 from k2cli.model.io import load_model
@@ -33,10 +34,14 @@ class EvalRecipe:
 
 def evaluate_model(ref: str, cfg: EvalConfig, suites: list[str], out_dir: Path, label: str) -> dict:
     model, art = load_model(ref, verify=True)
-    if not (art.path / "tokenizer.json").exists():
+    if not has_tokenizer(art.path):
         raise K2Error(f"model {art.id} has no tokenizer", "evaluate a model trained by k2 (pretrain writes one), or add tokenizer files")
     tokenizer = load_tokenizer(art.path)
-    ctx = EvalContext(model, tokenizer, art, lineage.dataset(art, ref=cfg.data), cfg, out_dir, label)  # --data, else the nearest
+    # --data: a dataset artifact (held-out sets), or any corpus (files, a saved dataset, hf:NAME) for perplexity;
+    # otherwise the nearest dataset in the model's lineage
+    corpus = absolute_corpus_ref(cfg.data) if cfg.data and is_plain_corpus(cfg.data) else ""
+    data_art = lineage.dataset(art, ref="" if corpus else cfg.data)
+    ctx = EvalContext(model, tokenizer, art, data_art, cfg, out_dir, label, corpus=corpus)
     results = {"label": label, "id": art.id, "stage": art.stage, "suites": {}}
     for name in suites:
         suite = get_suite(name)
@@ -136,10 +141,11 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
 
 
 @click.command("eval")
-@click.argument("models", nargs=-1, required=True)
+@click.argument("models", nargs=-1)
 @click.option("--suite", "suite_names", default=None, help="Comma-separated suites (default: the recipe's eval.suites). "
               "See --list-suites.")
-@click.option("--data", default=None, metavar="REF", help="Dataset artifact with held-out sets (default: from each model's lineage).")
+@click.option("--data", default=None, metavar="REF", help="Dataset artifact with held-out sets (default: from each model's "
+              "lineage), or any corpus to measure perplexity on: .txt/.jsonl/.parquet files, a folder, a saved dataset, hf:NAME.")
 @click.option("--label", "labels", multiple=True, help="A display name per model (repeat in order).")
 @click.option("--list-suites", is_flag=True, is_eager=False, help="List the suites and exit.")
 @click.option("--unsafe-sandbox", is_flag=True, help="Run model-written code (rl_envs' code env) even where the OS "
@@ -154,6 +160,8 @@ def eval_cmd(models, suite_names, data, labels, list_suites, unsafe_sandbox, rec
         for name, s in all_suites().items():
             stdout.print(f"[bold]{name}[/]: {s.description}")
         return
+    if not models:
+        raise K2Error("no model to evaluate", "name one or more model artifacts, e.g. k2 eval sft:latest rl:latest")
     if data:
         recipe.eval.data = data
     if labels and len(labels) != len(models):
