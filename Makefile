@@ -70,6 +70,7 @@ chain:
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py --out benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_corpus.py --tokens 100e6 --out benchmarks/RESULTS.md
 
 # The K2 report's claims re-measured at small scale (REPRO_PRESET=gpu on one GPU): reproduce/REPORT.md
 REPRO_PRESET ?= cpu
