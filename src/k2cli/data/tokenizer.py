@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 from k2cli.errors import K2Error
+from k2cli.jsonfile import read_object
 
 EOT = "<|endoftext|>"  # document separator; end of plain text; padding
 # K2's chat tokens (its template: k2cli.data.chat). Tool results go under <|im_system|> with the role
@@ -356,13 +357,7 @@ def _read_config(directory: Path) -> dict:
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise K2Error(f"cannot read {path}: {e}", "it must be the JSON file transformers writes (tokenizer.save_pretrained)")
-    if not isinstance(config, dict):
-        raise K2Error(f"{path} is not a JSON object", "it must be the JSON file transformers writes (tokenizer.save_pretrained)")
-    return config
+    return read_object(path, "it must be the JSON file transformers writes (tokenizer.save_pretrained)")
 
 
 def has_tokenizer(directory: str | Path) -> bool:

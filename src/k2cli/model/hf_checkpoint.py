@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from k2cli.errors import K2Error
+from k2cli.jsonfile import read_object
 from k2cli.model.config import ModelConfig
 from k2cli.model.hf import from_hf_config
 
@@ -63,13 +64,7 @@ def read_hf_json(directory: Path) -> dict:
         raise K2Error(f"not a directory: {directory}", "pass a Hugging Face model directory")
     if not path.is_file():
         raise K2Error(f"{directory} has no config.json", "pass a Hugging Face model directory (save_pretrained writes one)")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise K2Error(f"corrupt {path}: {e}", "pass a valid Hugging Face model directory")
-    if not isinstance(hf, dict):
-        raise K2Error(f"{path} is not a JSON object", "pass a valid Hugging Face model directory")
-    return hf
+    return read_object(path, "pass a valid Hugging Face model directory")
 
 
 def read_hf_config(directory: Path) -> ModelConfig:

@@ -73,7 +73,7 @@ def gather_sources(recipe: SFTRecipe, model_art, tokenizer) -> tuple[dict, list,
         except K2Error as e:
             if not optional:
                 raise
-            left_out("agentic", e.args[0])
+            left_out("agentic", e.message)
             art = None
         if art is not None:
             convs["agentic"] = load_conversations("agentic", art)
