@@ -50,6 +50,8 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """)
     (folder / "k2_tiny_gen.yaml").write_text(f"""task: k2_tiny_gen
 dataset_path: json
@@ -65,6 +67,8 @@ generation_kwargs:
   max_gen_toks: 12
 metric_list:
   - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
 """)
     return folder
 
