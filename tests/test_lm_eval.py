@@ -172,8 +172,8 @@ def test_k2_eval_runs_local_harness_tasks(k2, micro, tmp_path):
     right = 0
     for d in MC:
         context = f"Question: {d['question']}\nAnswer:"
-        scores = [reference_loglikelihood(model, sum(split_pair(tok, context, " " + c), []), len(split_pair(tok, context, " " + c)[1]))
-                  for c in d["choices"]]
+        pairs = [split_pair(tok, context, " " + c) for c in d["choices"]]
+        scores = [reference_loglikelihood(model, ctx + cont, len(cont)) for ctx, cont in pairs]
         right += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
     assert acc == pytest.approx(right / len(MC))
     assert {r["task"] for r in suite["rows"]} == {"k2_tiny_mc", "k2_tiny_gen"}

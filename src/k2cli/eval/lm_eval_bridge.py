@@ -140,11 +140,12 @@ class K2LM(TemplateLM):
             max_new = max(1, min(int(kw.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1))
             sample = bool(kw.get("do_sample", False))  # greedy unless asked, whatever the temperature (as HF)
             temperature = float(kw.get("temperature", 1.0)) if sample else 0.0
-            # the prompt keeps its last tokens so that prompt + answer fit the context
-            prompts = {i: (self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-(self.max_length - max_new) :] for i in idx}
-            idx = sorted(idx, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(idx), self.batch_size):
-                batch = idx[start : start + self.batch_size]
+            # the prompt keeps its last tokens so that prompt + answer fit the context (an empty one: end of text)
+            prompts = {i: (self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-(self.max_length - max_new) :]
+                       for i in idx}
+            order = sorted(idx, key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
                 gens = generate(self.model, [prompts[i] for i in batch], max_new_tokens=max_new, temperature=temperature,
                                 top_p=float(kw.get("top_p", 1.0)), stop_ids=self.tokenizer.stop_ids, seed=self.seed + start)
                 for i, g in zip(batch, gens):
