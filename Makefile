@@ -2,7 +2,8 @@
 #
 #   make demo      the tiny end-to-end pipeline on CPU, ending in a report (13 min on 2 idle cores)
 #   make pipeline PRESET=small   the same chain at single-GPU scale
-#   make test      the test suite (make test-browser: the web chat page in headless Chromium)
+#   make test      the test suite (make test-browser: the web chat page in headless Chromium;
+#                  make test-lmeval: the lm-evaluation-harness bridge, installing the lmeval extra)
 #   make bench     side-by-side benchmarks against transformers (writes benchmarks/RESULTS.md; on CUDA: bf16, MFU)
 #   make reproduce the K2 report's claims re-measured at small scale (reproduce/REPORT.md)
 #   make reproduce-quick   the same experiments at micro size, a smoke run in minutes
@@ -19,7 +20,7 @@ K2         := $(BIN)/k2
 PRESET     ?= tiny
 export K2_ARTIFACTS ?= artifacts
 
-.PHONY: setup demo pipeline chain test test-browser bench reproduce reproduce-quick clean-artifacts help
+.PHONY: setup demo pipeline chain test test-browser test-lmeval bench reproduce reproduce-quick clean-artifacts help
 
 help:
 	@sed -n '1,12p' Makefile
@@ -42,6 +43,12 @@ test-browser: setup
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 		echo "note: could not install chromium; the browser tests will skip"
 	$(BIN)/python -m pytest -q tests/test_web_chat.py
+
+# `k2 eval --suite lm-eval:TASK` on local task YAMLs (no network): the lmeval extra is ~350 MB (scipy,
+# scikit-learn, nltk), so `make test` leaves it out and its tests skip; this target installs it first.
+test-lmeval: setup
+	@$(BIN)/python -c "import lm_eval" 2>/dev/null || $(BIN)/python -m pip install -q "lm-eval>=0.4"
+	$(BIN)/python -m pytest -q tests/test_lm_eval.py
 
 # The pipeline, one stage per line, each skipped when its artifact is up to date with its recipe
 # and inputs (`k2 --reuse`), so rerunning after an interruption continues where it stopped.

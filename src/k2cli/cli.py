@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import rich_click as click
+from rich.markup import escape
 
 from k2cli import __version__
 from k2cli.artifacts import using_root
@@ -27,7 +28,7 @@ class K2Group(click.RichGroup):
             return super().invoke(ctx)
         except K2Error as e:
             label = "stopped" if e.exit_code != 2 else "error"
-            err.print(f"[bold red]{label}:[/] {e.line()}", soft_wrap=True)
+            err.print(f"[bold red]{label}:[/] {escape(e.line())}", soft_wrap=True)  # k2cli[kimi] is text, not markup
             ctx.exit(e.exit_code)
 
 

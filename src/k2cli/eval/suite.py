@@ -10,6 +10,12 @@ flat numeric metrics plus optional table rows and PNG plots written into the eva
         description = "validation loss and bits per byte"
         def applies(self, ctx) -> str | None: ...   # None = applies; else the reason it does not
         def run(self, ctx) -> SuiteResult: ...
+
+A suite family takes a parameter after a colon: `lm-eval:hellaswag,arc_easy` is the family
+`lm-eval` (eval/lm_eval_bridge.py) built for the tasks "hellaswag,arc_easy". Its class has `family`,
+`param` (how the parameter reads, for --list-suites), `description` and `__init__(self, arg, cfg)`
+(which rejects a bad parameter; the instance is then a suite named `family:arg`), and registers with
+`@register_family`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     passkey_context: int = 0  # the original context the lengths multiply; 0 = the model's own
     position_loss_sequences: int = 8  # held-out sequences of the longest passkey length (0 = skip)
+    lm_eval_include: str = ""  # lm-eval: a folder of extra task YAMLs (local datasets); "" = the harness's own tasks
 
 
 @dataclass
@@ -78,6 +85,7 @@ class SuiteResult:
 
 
 SUITES: dict[str, object] = {}
+FAMILIES: dict[str, type] = {}  # "lm-eval" -> a class built per parameter (`lm-eval:TASK,...`)
 
 
 def register(cls):
@@ -85,23 +93,49 @@ def register(cls):
     return cls
 
 
-def get_suite(name: str):
+def register_family(cls):
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def get_suite(name: str, cfg: EvalConfig | None = None):
     _load_builtin_suites()
+    family, colon, arg = name.partition(":")
+    if colon:
+        if family not in FAMILIES:
+            raise K2Error(f"unknown eval suite family '{family}'", did_you_mean(family, FAMILIES))
+        return FAMILIES[family](arg, cfg or EvalConfig())
     if name not in SUITES:
-        raise K2Error(f"unknown eval suite '{name}'", did_you_mean(name, SUITES))
+        raise K2Error(f"unknown eval suite '{name}'", did_you_mean(name, list(SUITES) + [f"{f}:..." for f in FAMILIES]))
     return SUITES[name]
 
 
-def all_suites() -> dict:
+def parse_suites(text: str) -> list[str]:
+    """`--suite` text -> suite names. A family's parameter runs on over commas until the next suite or
+    family name: "perplexity,lm-eval:hellaswag,arc_easy,max_logit" -> perplexity,
+    lm-eval:hellaswag,arc_easy, max_logit."""
     _load_builtin_suites()
-    return SUITES
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if names and ":" in names[-1] and ":" not in part and part not in SUITES:
+            names[-1] += "," + part
+        else:
+            names.append(part)
+    return names
+
+
+def all_suites() -> dict:
+    """Every suite by name, each family as `family:PARAM` (for --list-suites)."""
+    _load_builtin_suites()
+    return SUITES | {f"{f}:{cls.param}": cls for f, cls in FAMILIES.items()}
 
 
 def _load_builtin_suites():
     """Suites register themselves on import; modules missing from a build are skipped."""
     import importlib
 
-    for module in ("k2cli.eval.basic", "k2cli.eval.knowledge", "k2cli.eval.passkey", "k2cli.eval.agentic", "k2cli.eval.rl_envs"):
+    for module in ("k2cli.eval.basic", "k2cli.eval.knowledge", "k2cli.eval.passkey", "k2cli.eval.agentic", "k2cli.eval.rl_envs",
+                   "k2cli.eval.lm_eval_bridge"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

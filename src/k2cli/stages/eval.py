@@ -21,7 +21,7 @@ from k2cli.console import info, out as stdout, table
 from k2cli.data.loading import absolute_corpus_ref, is_plain_corpus
 from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
 from k2cli.errors import K2Error
-from k2cli.eval.suite import EvalConfig, EvalContext, all_suites, get_suite
+from k2cli.eval.suite import EvalConfig, EvalContext, all_suites, get_suite, parse_suites
 from k2cli.model.io import load_model
 from k2cli.recipes import to_dict
 from k2cli.stages.runner import RunOptions, Stage
@@ -44,7 +44,7 @@ def evaluate_model(ref: str, cfg: EvalConfig, suites: list[str], out_dir: Path, 
     ctx = EvalContext(model, tokenizer, art, data_art, cfg, out_dir, label, corpus=corpus)
     results = {"label": label, "id": art.id, "stage": art.stage, "suites": {}}
     for name in suites:
-        suite = get_suite(name)
+        suite = get_suite(name, cfg)
         reason = suite.applies(ctx)
         if reason:
             info(f"[yellow]skip[/] {name} on {label}: {reason}")
@@ -109,7 +109,7 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
     suites = suites or cfg.suites
     with Stage("eval", "eval", to_dict(recipe) | {"suites": suites, "models": models}, opts) as st:
         for s in suites:
-            get_suite(s)  # unknown names fail before any work
+            get_suite(s, cfg)  # unknown names fail before any work
         arts = [open_artifact(m, kind="model") for m in models]
         labels = labels or [a.id for a in arts]
         if done := st.up_to_date(list({a.path: a for a in arts}.values())):
@@ -143,7 +143,7 @@ def run(models: list[str], recipe: EvalRecipe, suites: list[str] | None = None, 
 @click.command("eval")
 @click.argument("models", nargs=-1)
 @click.option("--suite", "suite_names", default=None, help="Comma-separated suites (default: the recipe's eval.suites). "
-              "See --list-suites.")
+              "See --list-suites; lm-eval:hellaswag,arc_easy runs lm-evaluation-harness tasks.")
 @click.option("--data", default=None, metavar="REF", help="Dataset artifact with held-out sets (default: from each model's "
               "lineage), or any corpus to measure perplexity on: .txt/.jsonl/.parquet files, a folder, a saved dataset, hf:NAME.")
 @click.option("--label", "labels", multiple=True, help="A display name per model (repeat in order).")
@@ -166,7 +166,7 @@ def eval_cmd(models, suite_names, data, labels, list_suites, unsafe_sandbox, rec
         recipe.eval.data = data
     if labels and len(labels) != len(models):
         raise K2Error(f"{len(labels)} --label values for {len(models)} models", "give one --label per model or none")
-    suites = [s.strip() for s in suite_names.split(",")] if suite_names else None
+    suites = parse_suites(suite_names) if suite_names else None
     run(list(models), recipe, suites, labels=list(labels) or None, opts=opts)
 
 
