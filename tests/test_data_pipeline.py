@@ -164,3 +164,35 @@ def test_tokenizer_command(k2, tmp_path, artifacts_root):
     assert load_tokenizer(artifacts_root / "tokenizer" / "v1").vocab_size <= 400
     assert_clean_error(k2("tokenizer", "train", tmp_path / "c.jsonl", "--vocab-size", 50, ok=False), "smaller than")
     assert_clean_error(k2("tokenizer", "train", tmp_path / "none.jsonl", ok=False), "not found")
+
+
+@pytest.mark.parametrize("kind", ["txt_folder", "jsonl", "parquet", "saved_dataset", "dataset_dict"])
+def test_every_corpus_source_pretrains_the_micro_model(k2, tmp_path, artifacts_root, kind):
+    """`k2 pretrain CORPUS` for each kind of local corpus: it tokenises, packs and trains, and the
+    manifest records the corpus by an absolute path (later stages find it from any directory)."""
+    import datasets
+
+    texts = [t + " " + TEXTS[(i * 7) % len(TEXTS)] for i, t in enumerate(TEXTS)]
+    if kind == "txt_folder":
+        (tmp_path / "c").mkdir()
+        for i, t in enumerate(texts):
+            (tmp_path / "c" / f"{i}.txt").write_text(t)
+        ref = tmp_path / "c"
+    elif kind == "jsonl":
+        ref = tmp_path / "c.jsonl"
+        ref.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    elif kind == "parquet":
+        ref = tmp_path / "c.parquet"
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(ref))
+    elif kind == "saved_dataset":
+        ref = tmp_path / "c"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(ref))
+    else:
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                              "test": datasets.Dataset.from_dict({"text": texts[:5]})}).save_to_disk(str(tmp_path / "dd"))
+        ref = f"{tmp_path / 'dd'}@train"
+    k2("pretrain", ref, "--preset", "micro", "--set", "train.steps=2", "--set", "train.seq_len=64",
+       "--set", "tokenizer.vocab_size=400")
+    manifest = json.loads((artifacts_root / "pretrain" / "latest" / "manifest.json").read_text())
+    assert manifest["metrics"]["final_loss"] > 0
+    assert manifest["recipe"]["data"]["input"] == str(ref) and str(ref).startswith("/")
