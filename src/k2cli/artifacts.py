@@ -118,7 +118,7 @@ def sha256_file(path: Path) -> str:
 
 # Consumers verify the files they open on every load; re-hashing a large model each time would cost seconds,
 # so a file's hash is remembered by what identifies its bytes short of reading them: (path, device, inode,
-# size, mtime, ctime). ctime cannot be set from user space (touch sets mtime only), so any write to the file
+# size, mtime, ctime), once the file has settled (`RACY_S`). ctime cannot be set from user space (touch sets mtime only), so any write to the file
 # after it was hashed changes the key. In memory for the process, and in <root>/.cache/verified.json for the
 # next one (a cache a user could forge, but one who can write there can rewrite the manifest too).
 _hashes: dict[str, str] = {}
@@ -128,9 +128,16 @@ VERIFY_CACHE = Path(".cache") / "verified.json"
 VERIFY_CACHE_ENTRIES = 20000
 
 
-def _stat_key(path: Path) -> str:
+RACY_S = 2.0  # a file changed this recently may change again within the same timestamp tick: never cached
+
+
+def _stat_key(path: Path) -> tuple[str, bool]:
+    """(the cache key of `path`, whether a hash taken now may be cached). Timestamps advance in ticks (a few
+    ms), so a write in the same tick as the hashing would keep the key: like git's "racily clean" index
+    entries, a file modified in the last RACY_S seconds is hashed every time until it has settled."""
     st = os.stat(path)
-    return f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    key = f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return key, time.time() - max(st.st_mtime, st.st_ctime) >= RACY_S
 
 
 def _cache_file() -> Path:
@@ -165,11 +172,14 @@ def sha256_cached(path: Path) -> str:
     """sha256 of `path`, read only when its (inode, size, mtime, ctime) changed since it was last hashed."""
     global _dirty
     _load_hash_cache()
-    key = _stat_key(path)
-    if key not in _hashes:
-        _hashes[key] = sha256_file(path)
+    key, settled = _stat_key(path)
+    if key in _hashes:
+        return _hashes[key]
+    digest = sha256_file(path)
+    if settled:
+        _hashes[key] = digest
         _dirty = True
-    return _hashes[key]
+    return digest
 
 
 def _flush_hash_cache() -> None:

@@ -365,6 +365,18 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def _check_artifact(directory: Path) -> None:
+    """In an artifact, the tokenizer's files (its top-level files but the weights) match the manifest before
+    they are read (cached hashes: cheap)."""
+    from k2cli.artifacts import MANIFEST, open_artifact
+
+    if (directory / MANIFEST).is_file():
+        art = open_artifact(directory)
+        names = [n for n in art.manifest["files"] if "/" not in n and not n.endswith((".safetensors", ".pt", ".bin"))]
+        if names:
+            art.check(*names)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer stored in a directory (a model or tokenizer artifact, an HF tokenizer directory) or a
     tokenizer.json file. Detects k2's BPE / an HF tokenizer.json (+ tokenizer_config.json) / Kimi's
@@ -378,6 +390,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         directory, file = path, path / "tokenizer.json"
     if not directory.is_dir():
         raise K2Error(f"tokenizer {path} does not exist", "pass a tokenizer artifact, a model artifact, an HF tokenizer directory or a tokenizer.json")
+    _check_artifact(directory)
     config = _read_config(directory)
     if file.is_file():
         from tokenizers import Tokenizer as HFTokenizer

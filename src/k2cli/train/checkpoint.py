@@ -124,7 +124,9 @@ def _write(run_dir: Path, step: int, sd: dict, osd: dict, state: dict, keep: int
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+        if not isinstance(e, OSError) and _nearly_full(ckpts):  # torch/safetensors word a full disk their own way
+            reason = f"no space left on device ({reason})"
         raise K2Error(f"cannot write checkpoint {name} in {ckpts}: {reason}",
                       "free disk space (the previous checkpoint is intact; the run resumes from it), "
                       "or choose another artifacts root (k2 --root DIR)") from None
@@ -132,6 +134,13 @@ def _write(run_dir: Path, step: int, sd: dict, osd: dict, state: dict, keep: int
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return dest
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 16 << 20
+    except OSError:
+        return False
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
