@@ -16,8 +16,13 @@ holds for its duration with `using_root`; else `$K2_ARTIFACTS`; else `./artifact
 A reference is a path (`./artifacts/pretrain/v3`, `/tmp/m`), `stage:vN`, or `stage:latest`.
 
 Writing always happens in a hidden temporary directory next to the destination, which is
-renamed into place only when complete, so an interrupted stage never leaves a half
-artifact and never touches the previous versions.
+flushed to disk and renamed into place only when complete, so an interrupted stage never leaves a
+half artifact and never touches the previous versions; the next writer removes what a killed one
+left (`temp_name`, `stale_temps`; `k2 artifacts gc`).
+
+Integrity: the manifest records every file's size and sha256, its inputs' manifest hashes, and its
+own hash (`self_sha256`). Consumers check what they read (`Artifact.check`, cached hashes);
+`k2 artifacts verify [--deep]` checks an artifact (and its whole lineage).
 """
 
 from __future__ import annotations

@@ -57,9 +57,15 @@ def save_state_dict_files(sd: dict[str, torch.Tensor], cfg: ModelConfig, directo
 
 
 def save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors creates its files 0600; weights are meant to be shared like any other file."""
-    save_file(sd, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)
+    """safetensors creates its files 0600; weights are meant to be shared like any other file. A full disk (which
+    safetensors reports as its own error type) is one K2Error."""
+    try:
+        save_file(sd, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o644)
+    except (SafetensorError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip()[:200]
+        raise K2Error(f"cannot write the weights {path}: {reason}",
+                      "free disk space, or choose another artifacts root (k2 --root DIR)") from None
 
 
 def read_config(directory: Path) -> ModelConfig:
