@@ -38,7 +38,9 @@ def os_error_line(e: OSError) -> str | None:
     """The one line a disk/permission OSError becomes, or None for any other OSError."""
     if e.errno not in DISK_ERRORS:
         return None
-    where = f": {e.filename}" if e.filename else ""
+    from k2cli.artifacts import artifacts_root
+
+    where = f": {e.filename}" if e.filename else f" (writing under {artifacts_root()})"
     return f"{e.strerror or os.strerror(e.errno)}{where} ({DISK_ERRORS[e.errno]})"
 
 

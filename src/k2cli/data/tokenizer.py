@@ -237,7 +237,11 @@ class BPETokenizer(Tokenizer):
         from k2cli.data.chat import CHAT_TEMPLATE
 
         directory = Path(directory)
-        self.tok.save(str(directory / "tokenizer.json"))
+        try:
+            self.tok.save(str(directory / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception, a full disk included
+            raise K2Error(f"cannot write {directory / 'tokenizer.json'}: {str(e)[:200]}",
+                          "free disk space, or choose another artifacts root (k2 --root DIR)") from None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": None,
@@ -253,9 +257,13 @@ class BPETokenizer(Tokenizer):
             },
             "chat_template": chat_template or CHAT_TEMPLATE,
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         specials = {"eos_token": EOT, "pad_token": EOT, "additional_special_tokens": SPECIAL_TOKENS[1:]}
-        (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        try:
+            (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        except OSError as e:  # a failed write (not open) names no file: name the directory
+            raise K2Error(f"cannot write the tokenizer files in {directory}: {e.strerror}",
+                          "free disk space, or choose another artifacts root (k2 --root DIR)") from None
 
 
 class TiktokenTokenizer(Tokenizer):
