@@ -286,7 +286,7 @@ def test_a_second_process_refuses_with_one_line(artifacts_root, k2, tmp_path):
         k2(*args, ok=False)
     finally:
         runner.Stage.run_dir = orig
-    lock = f"{seen['dir']}.lock"
+    lock = seen["dir"].parent.parent / ".locks" / f"{seen['dir'].name}.lock"
     p = _child("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
                "os.pwrite(fd, f'pid {os.getpid()} on test'.encode(), 0)\nprint('held', flush=True)\ntime.sleep(60)\n", lock)
     assert p.stdout.readline().strip() == "held"

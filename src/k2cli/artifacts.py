@@ -457,7 +457,8 @@ def remove_temps(paths) -> list[Path]:
 
 
 def temp_dirs(root: Path | None = None) -> list[Path]:
-    """The directories k2 writes temporaries in: each stage directory and each run's checkpoints/."""
+    """The directories k2 writes temporaries in: each stage directory, each run's checkpoints/, and the caches
+    (<root>/cache/<kind>/, e.g. the token cache)."""
     root = artifacts_root() if root is None else Path(root)
     dirs = []
     if root.is_dir():
@@ -466,6 +467,8 @@ def temp_dirs(root: Path | None = None) -> list[Path]:
             runs = sdir / "runs"
             if runs.is_dir():
                 dirs += sorted(r / "checkpoints" for r in runs.iterdir() if (r / "checkpoints").is_dir())
+        if (root / "cache").is_dir():
+            dirs += sorted(p for p in (root / "cache").iterdir() if p.is_dir() and not p.is_symlink())
     return dirs
 
 

@@ -172,14 +172,15 @@ class Stage:
 
 
 def lock_run_dir(run_dir: Path) -> int:
-    """Take the run's lock, `<run dir>.lock` (fcntl.flock, exclusive, non-blocking), or refuse in one line: two
+    """Take the run's lock, `<root>/<stage>/.locks/<run id>.lock` (fcntl.flock, exclusive, non-blocking; beside
+    runs/, not in it, so that --restart can delete the run directory while holding it), or refuse in one line: two
     identical runs started together would otherwise train into one run directory (doubled metrics, mixed
     checkpoints). Refusing rather than waiting: the first run may take hours, and re-running after it ends
     writes the same version from its final checkpoint anyway. Returns the open descriptor; the lock lasts
     until it is closed (the stage's end, or the process's death: a killed run never leaves a stale lock)."""
     import fcntl
 
-    lock = run_dir.parent / f"{run_dir.name}.lock"
+    lock = run_dir.parent.parent / ".locks" / f"{run_dir.name}.lock"
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
