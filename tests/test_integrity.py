@@ -313,3 +313,17 @@ def test_files_are_flushed_before_the_rename_publishes_them(monkeypatch):
     for name in ("sub/a.bin", "b.txt", "manifest.json", "sub"):
         assert f"{tmp}/{name}" in before, name
     assert str(art.path.parent) in synced[n_before:]  # the rename itself, made durable
+
+
+def test_a_plain_out_directory_parent_loses_only_dead_k2_temporaries(tmp_path):
+    """--out DIR: the parent is the user's directory; only entries k2 named with a dead owner are removed."""
+    foreign = tmp_path / ".tmp-someone-elses"  # not k2's name: never touched, however old
+    foreign.mkdir()
+    os.utime(foreign, (time.time() - 10 * artifacts.LEGACY_STALE_S,) * 2)
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".tmp-pretrain-0123456789@{p.stdout.strip()}@{__import__('socket').gethostname()}"
+    dead.mkdir()
+    with ArtifactWriter(stage="pretrain", kind="model", out=str(tmp_path / "m")) as w:
+        (w.dir / "data.txt").write_text("x")
+        w.commit()
+    assert foreign.exists() and not dead.exists()

@@ -424,7 +424,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_stale(path: Path) -> bool:
+def is_stale(path: Path, legacy: bool = True) -> bool:
+    """Whether `path` (a temporary entry) belongs to a process that is gone. `legacy`: also an entry named
+    without an owner once it is old (only in k2's own directories, never in a user's --out parent)."""
     parts = path.name.split("@")
     try:
         age = time.time() - path.lstat().st_mtime
@@ -434,15 +436,15 @@ def is_stale(path: Path) -> bool:
         if parts[2] == socket.gethostname():
             return int(parts[1]) != os.getpid() and not _alive(int(parts[1]))
         return age > FOREIGN_STALE_S
-    return age > LEGACY_STALE_S
+    return legacy and age > LEGACY_STALE_S
 
 
-def stale_temps(directory: Path) -> list[Path]:
+def stale_temps(directory: Path, legacy: bool = True) -> list[Path]:
     try:
         entries = list(Path(directory).iterdir())
     except OSError:
         return []
-    return sorted(p for p in entries if p.name.startswith(TEMP_PREFIXES) and is_stale(p))
+    return sorted(p for p in entries if p.name.startswith(TEMP_PREFIXES) and is_stale(p, legacy))
 
 
 def remove_temps(paths) -> list[Path]:
@@ -600,7 +602,7 @@ class ArtifactWriter:
                 raise K2Error(f"output {self._dest} exists and is not empty", "choose another --out or pass --force")
             self._parent = self._dest.resolve().parent
         _check_writable(self._parent)
-        remove_temps(stale_temps(self._parent))  # what a killed writer left here
+        remove_temps(stale_temps(self._parent, legacy=self._versioned))  # what a killed writer left here
         self.fingerprint = fingerprint(self.stage, self.kind, self.recipe, self.inputs)
         self.dir = self._parent / temp_name(f".tmp-{self.stage}")
         self.dir.mkdir()
