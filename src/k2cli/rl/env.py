@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from k2cli import lineage
 from k2cli.data.chat import ParsedTurn, parse_assistant
