@@ -5,6 +5,8 @@ Every K2Error raised below is printed as one line and exits with status 2.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import rich_click as click
@@ -20,8 +22,31 @@ click.rich_click.SHOW_ARGUMENTS = True
 click.rich_click.MAX_WIDTH = 100
 
 
+# The environment's refusals that no stage can do anything about but report: a full disk or quota, a read-only
+# file system, a permission denied. Code that knows what it was writing raises its own K2Error first; this net
+# catches the rest (a library's write deep in a stage), names the path and the fix, and nothing else: any
+# other OSError is a bug and keeps its traceback.
+DISK_ERRORS = {
+    errno.ENOSPC: "free disk space there, or choose another artifacts root (k2 --root DIR)",
+    errno.EDQUOT: "free space within your quota, or choose another artifacts root (k2 --root DIR)",
+    errno.EROFS: "the file system is read-only: choose a writable artifacts root (k2 --root DIR)",
+    errno.EACCES: "fix the permissions, or choose an artifacts root you can write (k2 --root DIR)",
+}
+
+
+def os_error_line(e: OSError) -> str | None:
+    """The one line a disk/permission OSError becomes, or None for any other OSError."""
+    if e.errno not in DISK_ERRORS:
+        return None
+    from k2cli.artifacts import artifacts_root
+
+    where = f": {e.filename}" if e.filename else f" (writing under {artifacts_root()})"
+    return f"{e.strerror or os.strerror(e.errno)}{where} ({DISK_ERRORS[e.errno]})"
+
+
 class K2Group(click.RichGroup):
-    """A group that turns K2Error into one clear line and exit status 2."""
+    """A group that turns K2Error (and a full disk, a read-only or forbidden path) into one clear line and exit
+    status 2."""
 
     def invoke(self, ctx):
         try:
@@ -30,6 +55,12 @@ class K2Group(click.RichGroup):
             label = "stopped" if e.exit_code != 2 else "error"
             err.print(f"[bold red]{label}:[/] {escape(e.line())}", soft_wrap=True)  # k2cli[kimi] is text, not markup
             ctx.exit(e.exit_code)
+        except OSError as e:
+            line = os_error_line(e)
+            if line is None:
+                raise
+            err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+            ctx.exit(2)
 
 
 @click.group(cls=K2Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -97,30 +97,31 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def coerce(value, tp, key: str):
-    """Check (and where lossless, convert) `value` to type `tp`; raise K2Error otherwise."""
+def coerce(value, tp, key: str, what: str = "recipe key"):
+    """Check (and where lossless, convert) `value` to type `tp`; raise K2Error otherwise. `what` names `key` in
+    messages ("recipe key", or "model.json field" for a stored model config)."""
     inner = _optional_inner(tp)
     if inner is not None:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return coerce(value, inner, key)
+        return coerce(value, inner, key, what)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise K2Error(f"recipe key '{key}' is a section; got {value!r}", f"set its fields, e.g. {key}.<field>=...")
-        return build(tp, value, prefix=key)
+            raise K2Error(f"{what} '{key}' is a section; got {value!r}", f"set its fields, e.g. {key}.<field>=...")
+        return build(tp, value, prefix=key, what=what)
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp) or (typing.Any,)
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise K2Error(f"recipe key '{key}' expects a list, got {value!r}", f"write e.g. {key}=[1, 2]")
-        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise K2Error(f"{what} '{key}' expects a list, got {value!r}", f"write e.g. {key}=[1, 2]")
+        return [coerce(v, item, f"{key}[{i}]", what) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise K2Error(f"recipe key '{key}' expects a table, got {value!r}", f"write e.g. {key}={{a = 1}}")
+            raise K2Error(f"{what} '{key}' expects a table, got {value!r}", f"write e.g. {key}={{a = 1}}")
         _, vt = typing.get_args(tp) or (str, typing.Any)
-        return {str(k): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): coerce(v, vt, f"{key}.{k}", what) for k, v in value.items()}
     if tp is typing.Any:
         return value
     if tp is bool:
@@ -137,10 +138,10 @@ def coerce(value, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise K2Error(f"recipe key '{key}' expects {_type_name(tp)}, got {value!r}", f"give {key} a {_type_name(tp)} value")
+    raise K2Error(f"{what} '{key}' expects {_type_name(tp)}, got {value!r}", f"give {key} a {_type_name(tp)} value")
 
 
-def build(cls, table: dict, prefix: str = ""):
+def build(cls, table: dict, prefix: str = "", what: str = "recipe key"):
     """Build dataclass `cls` from a (possibly partial) TOML table."""
     table = dict(table)
     preset = table.pop("preset", None)
@@ -150,10 +151,10 @@ def build(cls, table: dict, prefix: str = ""):
         raise K2Error(f"section '{prefix or cls.__name__}' does not take a preset", "remove the 'preset' key")
     else:
         obj = cls()
-    return update(obj, table, prefix)
+    return update(obj, table, prefix, what)
 
 
-def update(obj, table: dict, prefix: str = ""):
+def update(obj, table: dict, prefix: str = "", what: str = "recipe key"):
     """Return a copy of dataclass `obj` with the keys of `table` applied (typed, checked)."""
     hints = _hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
@@ -162,27 +163,37 @@ def update(obj, table: dict, prefix: str = ""):
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
             valid = [f"{prefix}.{n}" if prefix else n for n in names]
-            raise K2Error(f"unknown recipe key '{full}'", did_you_mean(full, valid))
+            raise K2Error(f"unknown {what} '{full}'", did_you_mean(full, valid))
         tp = hints[key]
         current = getattr(obj, key)
         inner = _optional_inner(tp) or tp
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             base = current if current is not None else inner()
             if "preset" in value and hasattr(inner, "from_preset"):
-                changes[key] = build(inner, value, full)
+                changes[key] = build(inner, value, full, what)
             else:
-                changes[key] = update(base, value, full)
+                changes[key] = update(base, value, full, what)
         else:
-            changes[key] = coerce(value, tp, full)
+            changes[key] = coerce(value, tp, full, what)
     return dataclasses.replace(obj, **changes)
 
 
-def validate(recipe) -> None:
-    """The one validation walk: every nested section's `validate()` (children first), then the recipe's own."""
+def _is_count(name: str) -> bool:
+    """Fields that count or space things (`train.checkpoint_every`, `keep_checkpoints`, `eval_batches`): never
+    negative, whatever section declares them (0 turns an interval off)."""
+    return name.endswith(("_every", "_batches")) or name.startswith("keep_")
+
+
+def validate(recipe, prefix: str = "") -> None:
+    """The one validation walk: every nested section's `validate()` (children first), then the recipe's own;
+    on the way, no count (`_is_count`) may be negative."""
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            validate(value)
+            validate(value, key)
+        elif _is_count(f.name) and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise K2Error(f"recipe key '{key}' must be >= 0, got {value}", f"set --set {key}=N (0 turns it off)")
     check = getattr(recipe, "validate", None)
     if callable(check):
         check()

@@ -210,6 +210,7 @@ def load_environment(art) -> Environment:
     for name in ("tools.json", "agents.jsonl", "tasks.jsonl", WORLD_FILE):
         if not (root / name).is_file():
             raise K2Error(f"dataset {art.id} has no {name}", "use a dataset made by 'k2 agentic'")
+    art.check("tools.json", "agents.jsonl", "tasks.jsonl", WORLD_FILE)  # they match the manifest (cached hashes)
     data = json.loads((root / "tools.json").read_text())
     tools = {}
     for d in data["tools"]:

@@ -1,4 +1,5 @@
-"""`k2 artifacts list|show|verify`: what exists, where it came from, whether it is intact."""
+"""`k2 artifacts list|show|path|verify|gc`: what exists, where it came from, whether it is intact, and the
+leftovers of killed processes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import rich_click as click
 from rich.tree import Tree
 
-from k2cli.artifacts import artifacts_root, lineage, list_artifacts, open_artifact
+from k2cli.artifacts import (artifacts_root, lineage, open_artifact, remove_temps, scan_artifacts, stale_temps,
+                             temp_dirs, verify_lineage)
 from k2cli.console import info, out, table
 from k2cli.errors import K2Error
 
@@ -18,7 +20,7 @@ def artifacts_group():
 
 
 def _size(manifest) -> str:
-    n = sum(f["bytes"] for f in manifest.get("files", {}).values())
+    n = sum(f.get("bytes", 0) for f in manifest.get("files", {}).values() if isinstance(f, dict))
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -29,15 +31,19 @@ def _size(manifest) -> str:
 @click.option("--stage", default=None, help="Only this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_cmd(stage, as_json):
-    """All artifacts under the artifacts root, oldest first."""
-    arts = [a for a in list_artifacts() if stage is None or a.path.parent.name == stage]
+    """All artifacts under the artifacts root, oldest first; a damaged one is listed as damaged."""
+    found = [(p, a, why) for p, a, why in scan_artifacts() if stage is None or p.parent.name == stage]
     if as_json:
-        out.print_json(json.dumps([{"id": a.id, "kind": a.kind, "path": str(a.path), "created": a.manifest["created"]} for a in arts]))
+        out.print_json(json.dumps([{"id": a.id, "kind": a.kind, "path": str(p), "created": a.manifest.get("created")}
+                                   if a is not None else {"id": f"{p.parent.name}/{p.name}", "path": str(p), "damaged": why}
+                                   for p, a, why in found]))
         return
-    if not arts:
+    if not found:
         info(f"no artifacts under {artifacts_root()}")
         return
-    rows = [[a.id, a.kind, a.manifest["created"], _size(a.manifest), a.manifest.get("summary", "")[:60]] for a in arts]
+    rows = [[a.id, a.kind, a.manifest.get("created", ""), _size(a.manifest), str(a.manifest.get("summary", ""))[:60]]
+            if a is not None else [f"{p.parent.name}/{p.name}", "[red]damaged[/]", "", "", why[:60]]
+            for p, a, why in found]
     out.print(table(f"artifacts in {artifacts_root()}", ["id", "kind", "created", "size", "summary"], rows, right=(3,)))
 
 
@@ -55,7 +61,7 @@ def show_cmd(ref, as_json):
         ["id", art.id],
         ["kind / stage", f"{art.kind} / {art.stage}"],
         ["path", str(art.path)],
-        ["created", f"{m['created']} by k2cli {m.get('k2cli_version')} (commit {str(m.get('git_commit'))[:10]})"],
+        ["created", f"{m.get('created')} by k2cli {m.get('k2cli_version')} (commit {str(m.get('git_commit'))[:10]})"],
         ["files", f"{len(m['files'])} ({_size(m)})"],
         ["summary", m.get("summary", "")],
     ]
@@ -85,14 +91,31 @@ def path_cmd(ref):
 
 @artifacts_group.command("verify")
 @click.argument("ref")
-def verify_cmd(ref):
-    """Re-hash every file of an artifact against its manifest."""
+@click.option("--deep", is_flag=True, help="Also verify every artifact up the lineage, and that each is still the "
+              "input its child recorded (manifest hashes).")
+def verify_cmd(ref, deep):
+    """Re-hash every file of an artifact against its manifest (and the manifest against its own hash)."""
     art = open_artifact(ref)
-    problems = art.verify()
+    problems = verify_lineage(art) if deep else art.verify()
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise K2Error(f"{art.id} is damaged: {problems[0]}{more}", "re-run the stage that made it")
-    info(f"[green]ok[/] {art.id}: {len(art.manifest['files'])} files match their sha256")
+    n = sum(1 for _ in lineage(art)) if deep else 1
+    info(f"[green]ok[/] {art.id}: {len(art.manifest['files'])} files match their sha256"
+         + (f"; {n} artifacts in its lineage intact and unchanged" if deep else ""))
+
+
+@artifacts_group.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+def gc_cmd(dry_run):
+    """Remove what killed processes left behind: temporary artifact directories (`.tmp-*`), unfinished
+    checkpoints (`.tmp-step-*`), half-made `latest` links. Entries of live processes are kept."""
+    stale = [p for d in temp_dirs() for p in stale_temps(d)]
+    removed = stale if dry_run else remove_temps(stale)
+    for p in removed:
+        out.print(("would remove " if dry_run else "removed ") + str(p), soft_wrap=True, highlight=False)
+    info(f"{len(removed)} stale entr{'y' if len(removed) == 1 else 'ies'} under {artifacts_root()}"
+         + (" (dry run)" if dry_run else ""))
 
 
 COMMANDS = [artifacts_group]

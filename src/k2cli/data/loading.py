@@ -87,6 +87,7 @@ def corpus_source(ref: str) -> tuple[object, list[Path]]:
         corpus = art.path / "corpus"
         if not corpus.is_dir():
             raise K2Error(f"dataset artifact {art.id} has no corpus/", "pass a dataset made by 'k2 data synth' or 'k2 rephrase'")
+        art.check("corpus")  # the Arrow files about to be read match the manifest (cached hashes: cheap)
         return art, [corpus]
     if not path.exists():
         raise K2Error(f"corpus not found: {ref}", "pass a dataset artifact, a save_to_disk directory, or .txt/.jsonl/.parquet files")
@@ -158,13 +159,30 @@ def load_corpus(ref: str, text_field: str = "text"):
     if text_field not in ds.column_names:
         raise K2Error(f"corpus {ref} has no '{text_field}' column (columns: {ds.column_names})", "choose the field with data.text_field")
     if text_field != "text":
-        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds.map(lambda r: {"text": r[text_field]})
-    ds = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != "")
+        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds.map(lambda r: {"text": r[text_field]}, keep_in_memory=True)
+    # in memory: an indices mapping, never a cache-*.arrow written into the (verified, immutable) artifact
+    ds = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != "", keep_in_memory=True)
     if len(ds) == 0:
         raise K2Error(f"corpus {ref} is empty (no non-blank text)", "pass a corpus with text in it")
     if "doc_id" not in ds.column_names:
         ds = ds.add_column("doc_id", [f"doc-{i}" for i in range(len(ds))])
     return ds, art
+
+
+def load_part(art, name: str):
+    """A part of a dataset artifact (`qa_test`, `math`, `chat`, ...: a save_to_disk directory), verified against
+    the manifest before it is read; None when the artifact has no such part."""
+    import datasets
+
+    path = Path(art.path) / name
+    if not path.is_dir():
+        return None
+    art.check(name)
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged directory: datasets raises many types
+        raise K2Error(f"cannot read {name}/ of {art.id}: {str(e).splitlines()[0][:200]}",
+                      "the artifact is damaged; re-run the stage that made it") from None
 
 
 def _load_saved(path: Path, split: str | None, ref: str):
@@ -173,6 +191,8 @@ def _load_saved(path: Path, split: str | None, ref: str):
 
     try:
         ds = datasets.load_from_disk(str(path))
+    except OSError as e:  # unreadable (permissions, I/O)
+        raise K2Error(f"cannot read the saved dataset {path}: {e.strerror or e}", "check its permissions") from None
     except Exception as e:  # a damaged directory: datasets raises many types
         raise K2Error(f"cannot read the saved dataset {path}: {str(e).splitlines()[0][:200]}", "save it again with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):

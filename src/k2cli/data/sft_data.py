@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -70,12 +69,9 @@ def math_conversation(row: dict) -> dict:
 
 
 def _load_subset(art, name: str):
-    import datasets
+    from k2cli.data.loading import load_part
 
-    path = Path(art.path) / name
-    if not path.is_dir():
-        return None
-    return datasets.load_from_disk(str(path))
+    return load_part(art, name)  # verified against the manifest first
 
 
 def load_chat(cfg: SFTDataConfig, tokenizer):

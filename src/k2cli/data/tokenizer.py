@@ -238,7 +238,11 @@ class BPETokenizer(Tokenizer):
         from k2cli.data.chat import CHAT_TEMPLATE
 
         directory = Path(directory)
-        self.tok.save(str(directory / "tokenizer.json"))
+        try:
+            self.tok.save(str(directory / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception, a full disk included
+            raise K2Error(f"cannot write {directory / 'tokenizer.json'}: {str(e)[:200]}",
+                          "free disk space, or choose another artifacts root (k2 --root DIR)") from None
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": None,
@@ -254,9 +258,13 @@ class BPETokenizer(Tokenizer):
             },
             "chat_template": chat_template or CHAT_TEMPLATE,
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         specials = {"eos_token": EOT, "pad_token": EOT, "additional_special_tokens": SPECIAL_TOKENS[1:]}
-        (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        try:
+            (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        except OSError as e:  # a failed write (not open) names no file: name the directory
+            raise K2Error(f"cannot write the tokenizer files in {directory}: {e.strerror}",
+                          "free disk space, or choose another artifacts root (k2 --root DIR)") from None
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -365,6 +373,18 @@ def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tiktoken.model"))
 
 
+def _check_artifact(directory: Path) -> None:
+    """In an artifact, the tokenizer's files (its top-level files but the weights) match the manifest before
+    they are read (cached hashes: cheap)."""
+    from k2cli.artifacts import MANIFEST, open_artifact
+
+    if (directory / MANIFEST).is_file():
+        art = open_artifact(directory)
+        names = [n for n in art.manifest["files"] if "/" not in n and not n.endswith((".safetensors", ".pt", ".bin"))]
+        if names:
+            art.check(*names)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer stored in a directory (a model or tokenizer artifact, an HF tokenizer directory) or a
     tokenizer.json file. Detects k2's BPE / an HF tokenizer.json (+ tokenizer_config.json) / Kimi's
@@ -378,6 +398,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         directory, file = path, path / "tokenizer.json"
     if not directory.is_dir():
         raise K2Error(f"tokenizer {path} does not exist", "pass a tokenizer artifact, a model artifact, an HF tokenizer directory or a tokenizer.json")
+    _check_artifact(directory)
     config = _read_config(directory)
     if file.is_file():
         from tokenizers import Tokenizer as HFTokenizer

@@ -18,11 +18,9 @@ from k2cli.model.generate import generate
 
 
 def load_split(ctx, name: str):
-    import datasets
+    from k2cli.data.loading import load_part
 
-    if ctx.data_art is None or not (ctx.data_art.path / name).is_dir():
-        return None
-    return datasets.load_from_disk(str(ctx.data_art.path / name))
+    return None if ctx.data_art is None else load_part(ctx.data_art, name)  # verified against the manifest first
 
 
 def sample_rows(ds, n: int, seed: int) -> list[dict]:

@@ -97,10 +97,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "model.json") -> "ModelConfig":
+        """A stored config (a model artifact's model.json): its mistakes are named as fields of `source`."""
         from k2cli.recipes import build
 
-        cfg = build(cls, d, prefix="model")
+        if not isinstance(d, dict):
+            raise K2Error(f"{source} holds a JSON {type(d).__name__}, not an object of model fields",
+                          "re-create the model artifact")
+        cfg = build(cls, d, what=f"{source} field")
         cfg.validate()
         return cfg
 

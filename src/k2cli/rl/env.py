@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from k2cli import lineage
 from k2cli.data.chat import ParsedTurn, parse_assistant
@@ -184,15 +183,15 @@ def find_agentic(model_art, ref: str = ""):
 
 def load_world_data(model_art, cfg: EnvConfig, need_agentic: bool = False) -> WorldData:
     """The world dataset (world.json) and, if asked, the agentic dataset, from the lineage or the recipe."""
-    import datasets
-
+    from k2cli.data.loading import load_part
     from k2cli.data.world import load_world
 
     art = lineage.dataset(model_art, "world.json", ref=cfg.data, key="envs.data")
     if art is None:
         raise K2Error(f"no synthetic-world dataset (world.json) in the lineage of {model_art.id}",
                       "set envs.data to a 'k2 data synth' artifact")
-    math_rows = [dict(r) for r in datasets.load_from_disk(str(Path(art.path) / "math"))] if art.has("math") else []
+    art.check("world.json")
+    math_rows = [dict(r) for r in load_part(art, "math")] if art.has("math") else []  # verified first
     agentic = find_agentic(model_art, cfg.agentic) if need_agentic else None
     if need_agentic and agentic is None:
         raise K2Error(f"the tools environment needs an agentic dataset; none in the lineage of {model_art.id}",

@@ -39,14 +39,16 @@ returns rank 0's artifact.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from k2cli import parallel
-from k2cli.artifacts import Artifact, ArtifactWriter, artifacts_root, using_root
+from k2cli.artifacts import Artifact, ArtifactWriter, artifacts_root, remove_temps, stale_temps, using_root
 from k2cli.artifacts import up_to_date as _latest_if_same
 from k2cli.console import err
 from k2cli.errors import K2Error
@@ -102,6 +104,7 @@ class Stage:
         self.inputs: list[Artifact] = []
         self.resume = opts.resume
         self.dir: Path | None = None  # the run directory (training stages)
+        self._locked: Path | None = None  # the run directory whose lock this stage holds
         self._stack = ExitStack()
 
     def __enter__(self):
@@ -132,10 +135,16 @@ class Stage:
 
     def run_dir(self, key: list[str], name: str | None = None) -> Path:
         """<root>/<stage>/runs/<id>: the same recipe on the same inputs (`key`) is the same run, and resumes.
-        On --restart (resume "no") rank 0 clears it first."""
+        Rank 0 holds the run's lock until the stage ends (a second identical run refuses, `lock_run_dir`),
+        removes what a killed process left in it (`.tmp-step-*`), and on --restart (resume "no") clears it first."""
         self.dir = run_dir_for(self.name, self.recipe, key) if name is None else artifacts_root() / self.name / "runs" / name
-        if self.resume == "no" and self.dir.exists() and parallel.is_main():
-            shutil.rmtree(self.dir)
+        if parallel.is_main():
+            if self._locked != self.dir:
+                self._stack.callback(os.close, lock_run_dir(self.dir))
+                self._locked = self.dir
+            if self.resume == "no" and self.dir.exists():
+                shutil.rmtree(self.dir)
+            remove_temps(stale_temps(self.dir / "checkpoints"))
         return self.dir
 
     # ---- work
@@ -160,6 +169,35 @@ class Stage:
         optim = self.recipe_obj.optim
         tau = optim.qk_clip_tau if optim.name == "muonclip" else None
         write_model_outputs(w, trained.model, tokenizer_dir, trained.run_dir, self.name, summary, tau=tau, reference=reference)
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Take the run's lock, `<root>/<stage>/.locks/<run id>.lock` (fcntl.flock, exclusive, non-blocking; beside
+    runs/, not in it, so that --restart can delete the run directory while holding it), or refuse in one line: two
+    identical runs started together would otherwise train into one run directory (doubled metrics, mixed
+    checkpoints). Refusing rather than waiting: the first run may take hours, and re-running after it ends
+    writes the same version from its final checkpoint anyway. Returns the open descriptor; the lock lasts
+    until it is closed (the stage's end, or the process's death: a killed run never leaves a stale lock)."""
+    import fcntl
+
+    lock = run_dir.parent.parent / ".locks" / f"{run_dir.name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise K2Error(f"cannot write the run directory {run_dir.parent}: {e.strerror}",
+                      "free disk space, fix the permissions, or choose another artifacts root (k2 --root DIR)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by another process (or another Stage of this one)
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise K2Error(f"this run is already in progress ({holder}) in {run_dir}",
+                      "wait for it to finish (re-running it then writes the same version without training), "
+                      "or change the recipe or inputs") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
 
 
 def load_parent(ref: str, hint: str, seq_len: int | None = None):

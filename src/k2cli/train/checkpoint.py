@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from k2cli import parallel
+from k2cli.artifacts import fsync_path, fsync_tree, remove_temps, stale_temps, temp_name
 from k2cli.errors import K2Error
 
 FORMAT = 2
@@ -96,29 +98,49 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, recipe: dict, ex
 
 
 def _write(run_dir: Path, step: int, sd: dict, osd: dict, state: dict, keep: int) -> Path:
+    """Into `.tmp-step-N-<owner>` (artifacts.temp_name: a later run removes it if this process dies), every file
+    flushed to disk, then renamed into place and `latest` moved: a crash or a full disk at any point leaves
+    the previous checkpoint as it was."""
     ckpts = Path(run_dir) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = ckpts / f".tmp-{name}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
+    tmp = None
     try:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        remove_temps(stale_temps(ckpts))
+        tmp = ckpts / temp_name(f".tmp-{name}")
+        tmp.mkdir()
         save_file(sd, str(tmp / "model.safetensors"))
         torch.save(osd, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
+        fsync_tree(tmp)
         dest = ckpts / name
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise K2Error(f"cannot write checkpoint in {ckpts}: {e.strerror}", "free disk space or choose another artifacts root")
-    link = ckpts / f".latest-{uuid.uuid4().hex[:6]}"
-    os.symlink(name, link)
-    os.replace(link, ckpts / "latest")
+        link = ckpts / temp_name(".latest")
+        os.symlink(name, link)
+        os.replace(link, ckpts / "latest")
+        fsync_path(ckpts)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:160]
+        if not isinstance(e, OSError) and _nearly_full(ckpts):  # torch/safetensors word a full disk their own way
+            reason = f"no space left on device ({reason})"
+        raise K2Error(f"cannot write checkpoint {name} in {ckpts}: {reason}",
+                      "free disk space (the previous checkpoint is intact; the run resumes from it), "
+                      "or choose another artifacts root (k2 --root DIR)") from None
     old = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return dest
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 16 << 20
+    except OSError:
+        return False
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -14,6 +14,20 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> None:
+    """Write the figure; a full disk or a forbidden path is one K2Error naming the plot, not a traceback."""
+    from k2cli.errors import K2Error
+
+    try:
+        fig.tight_layout()
+        fig.savefig(path)
+    except OSError as e:
+        raise K2Error(f"cannot write the plot {path}: {e.strerror}",
+                      "free disk space, or choose another artifacts root (k2 --root DIR)") from None
+    finally:
+        plt.close(fig)
+
+
 def _series(history, key):
     pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -35,9 +49,7 @@ def plot_loss(history: list[dict], path: Path, title: str = "loss", reference: d
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return Path(path)
 
 
@@ -66,9 +78,7 @@ def plot_max_logits(history: list[dict], path: Path, tau: float | None = None, t
     ax2.set_ylabel("heads clipped")
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return Path(path)
 
 
@@ -92,7 +102,5 @@ def plot_expert_load(history: list[dict], path: Path) -> Path | None:
     ax2.set_yticks(range(len(final)))
     ax2.set_title(f"expert load at step {rows[-1]['step']}")
     fig.colorbar(im, ax=ax2, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return Path(path)

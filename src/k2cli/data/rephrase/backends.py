@@ -59,6 +59,13 @@ class BackendConfig:
         kind = backend_kind(self.name)
         if kind == "openai" and not self.model:
             raise K2Error("the openai backend needs a model name", "pass --model NAME (or set backend.model)")
+        if kind == "openai":
+            from urllib.parse import urlsplit
+
+            url = urlsplit(self.base_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise K2Error(f"backend.base_url={self.base_url!r} is not an http(s) URL",
+                              "write e.g. backend.base_url=http://127.0.0.1:8000/v1")
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0 or self.max_new_tokens < 1:
             raise K2Error("backend.concurrency, timeout_s and max_new_tokens must be positive and max_retries >= 0",
                           "fix the backend section of the recipe")
