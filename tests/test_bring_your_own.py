@@ -148,7 +148,19 @@ def test_kimi_k2_layout_fp8_with_a_tiktoken_tokenizer(k2, tmp_path):
     gen = json.loads((export / "generation_config.json").read_text())
     eos = gen["eos_token_id"]
     assert 258 in (eos if isinstance(eos, list) else [eos])  # the checkpoint's <|im_end|>
-    transformers.AutoModelForCausalLM.from_pretrained(str(export))  # weights load; tokenizer needs Kimi's remote code
+    transformers.AutoModelForCausalLM.from_pretrained(str(export))
+    # the tiktoken tokenizer is exported as tokenizer.json: transformers loads it without Kimi's remote code,
+    # and the checkpoint's template renders to the same ids as k2's tokenizer of the import
+    from k2cli.data.chat import render
+    from k2cli.data.tokenizer import load_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    ours = load_tokenizer(tmp_path / "imported")
+    assert ours.kind == "tiktoken" and tok.convert_tokens_to_ids("<|im_end|>") == 258
+    convo = [{"role": "user", "content": "Weather in Zürich? 中文 123"}, {"role": "assistant", "content": "It is 12 C."}]
+    assert tok.apply_chat_template(convo, tokenize=False) == \
+        "<|im_user|>Weather in Zürich? 中文 123<|im_end|><|im_assistant|>It is 12 C.<|im_end|>"  # the checkpoint's template
+    assert tok.apply_chat_template(convo, tokenize=True, return_dict=False) == render(ours, convo).ids
 
 
 def test_pretrain_with_your_own_tokenizer_json(k2, tmp_path):

@@ -251,6 +251,20 @@ def test_kimi_k2_fp8_checkpoint_dequantises_and_matches_transformers(k2, tmp_pat
     assert 258 in generation["eos_token_id"] and generation["max_length"] == 128
     assert (tmp_path / "export" / "tiktoken.model").read_bytes() == (src / "tiktoken.model").read_bytes()
 
+    # and its tokenizer as tokenizer.json: transformers loads it without Kimi's remote code, with k2's ids
+    from k2cli.data.chat import render
+    from k2cli.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(tmp_path / "auto")
+    assert ours.kind == "tiktoken"
+    exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))  # no trust_remote_code
+    assert exported.eos_token_id == ours.token_id("[EOS]") and exported.convert_tokens_to_ids("<|im_end|>") == 258
+    for text in ("Hello World, it's 12345.", "café naïve Ωmega", "中文字符和日本語", "[BOS]hi<|im_end|><|im_user|>x", " \n\t "):
+        assert exported.encode(text, add_special_tokens=False) == ours.encode(text), text
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat"}]
+    assert exported.apply_chat_template(chat, tokenize=True, return_dict=False) == render(ours, chat).ids
+    assert exported.apply_chat_template(chat, tokenize=False) == "<|im_user|>hello<|im_end|><|im_assistant|>the cat<|im_end|>"
+
 
 # ----------------------------------------------------------------------------- memory
 

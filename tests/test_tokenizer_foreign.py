@@ -185,6 +185,67 @@ def test_kimi_tiktoken_tokenizer(tmp_path):
     assert load_tokenizer(tmp_path / "copy").fingerprint() == tok.fingerprint()
 
 
+# Texts a converted tokenizer must split exactly as tiktoken does: ASCII, contractions, accents, CJK,
+# digit runs (cut in threes), whitespace runs, and special tokens written in the text.
+SAMPLES = ["Hello World, it's the café in Zürich: 12345 apples.", "中文字符和日本語のテキスト, 한국어", "DON'T stop\n\n  x!!!\r\n",
+           "naïve Ωmega ÀÉÎ 0.5e10 １２３", "def f(x):\n    return x**2  # comment", "[BOS]hi<|im_end|>  there<|im_user|>",
+           "   ", "", "é" * 7, "emoji 🙂🙂 tabs\t\tend"]
+
+
+def trained_kimi_dir(tmp_path):
+    """A tiktoken.model with real merges (a byte-level BPE trained on SAMPLES, its vocabulary as ranks) and
+    K2's template: Kimi K2's tokenizer in miniature."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from k2cli.data.tokenizer import _byte_alphabet
+
+    pytest.importorskip("tiktoken")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(SAMPLES * 20, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                              show_progress=False))
+    byte = {c: b for b, c in enumerate(_byte_alphabet())}
+    ranks = {}
+    for token, _ in sorted(bpe.get_vocab().items(), key=lambda x: x[1]):
+        ranks.setdefault(bytes(byte[c] for c in token), len(ranks))
+    assert len(ranks) > 256 + 100  # many merges
+    d = tmp_path / "trained"
+    d.mkdir()
+    write_tiktoken_model(ranks, d / "tiktoken.model")
+    names = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
+             "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>",
+             "<|tool_call_end|>"]
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "[BOS]", "eos_token": "[EOS]", "tokenizer_class": "TikTokenTokenizer",
+        "added_tokens_decoder": {str(len(ranks) + i): {"content": t, "special": True} for i, t in enumerate(names)},
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+    (d / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return d
+
+
+def test_tiktoken_tokenizer_saved_for_transformers(tmp_path):
+    """save_hf writes tokenizer.json + tokenizer_config.json: transformers loads them without remote code,
+    and they give tiktoken's ids for every text and K2's rendering for every conversation."""
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(trained_kimi_dir(tmp_path))
+    out = tmp_path / "hf"
+    out.mkdir()
+    tok.save_hf(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in config
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))  # no trust_remote_code: nothing to run
+    assert hf.eos_token_id == tok.eot_id and hf.convert_tokens_to_ids("<|im_end|>") == tok.token_id("<|im_end|>")
+    assert len(hf) == tok.vocab_size
+    for text in SAMPLES:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+        assert hf.decode(tok.encode(text)) == text
+    conv = CONV  # tools, tool calls, tool results
+    assert hf.apply_chat_template(conv, tools=TOOLS, tokenize=False) == template_text(tok, conv, TOOLS)
+    assert hf.apply_chat_template(conv, tools=TOOLS, tokenize=True, return_dict=False) == render(tok, conv, TOOLS).ids
+    again = load_tokenizer(out)  # and k2 reads the converted files as the same tokenizer
+    assert all(again.encode(t) == tok.encode(t) for t in SAMPLES) and again.stop_ids == tok.stop_ids
+
+
 def test_tiktoken_file_errors(tmp_path):
     pytest.importorskip("tiktoken")
     d = tmp_path / "bad"

@@ -182,6 +182,11 @@ def export_cmd(ref, fmt, dtype, out, force):
         raise K2Error(f"cannot write to {dest.parent}: {e.strerror}", "choose a writable --out")
     try:
         copied = copy_tokenizer_files(art.path, tmp)
+        if "tiktoken.model" in copied and "tokenizer.json" not in copied:
+            # Kimi's tiktoken tokenizer needs its remote code in transformers: write the same one as tokenizer.json
+            from k2cli.data.tokenizer import load_tokenizer
+
+            load_tokenizer(tmp).save_hf(tmp)
         eos, generation, note = stop_token_ids(tmp, model.config)
         write_hf_dir(state_dict_for_saving(model), model.config, tmp, EXPORT_DTYPES[dtype], eos, generation)
         _share(tmp)

@@ -24,7 +24,9 @@ template and live in `k2cli.data.chat` (`render`, `parse_turn`).
 
 Saved (k2 kind) as `tokenizer.json` plus `tokenizer_config.json` / `special_tokens_map.json`, which is what
 `transformers.AutoTokenizer.from_pretrained(dir)` (PreTrainedTokenizerFast) loads; other kinds are saved
-by copying the files they were loaded from.
+by copying the files they were loaded from. A tiktoken tokenizer also converts to the equivalent
+tokenizer.json (`TiktokenTokenizer.save_hf`), which `k2 export` writes so that transformers loads Kimi's
+tokenizer without its remote code.
 """
 
 from __future__ import annotations
@@ -291,7 +293,8 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         named = {int(i): _token_text(v) for i, v in (config.get("added_tokens_decoder") or {}).items()}
         self.specials = {named.get(i) or f"<|reserved_token_{i}|>": i for i in range(n, n + KIMI_RESERVED + 2)}
-        self.model = tiktoken.Encoding(name=Path(model_file).name, pat_str=config.get("pat_str") or KIMI_PAT_STR,
+        self.ranks, self.pat_str = ranks, config.get("pat_str") or KIMI_PAT_STR
+        self.model = tiktoken.Encoding(name=Path(model_file).name, pat_str=self.pat_str,
                                        mergeable_ranks=ranks, special_tokens=self.specials)
         self._digest = hashlib.sha256(Path(model_file).read_bytes() + json.dumps(self.specials, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -316,6 +319,70 @@ class TiktokenTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return self._digest
+
+    def to_tokenizers(self):
+        """The same tokenizer as a Hugging Face `tokenizers` byte-level BPE (what transformers'
+        TikTokenConverter builds, without needing transformers): ids equal `encode`'s for every text.
+
+        tiktoken splits the text with `pat_str`, then inside each piece merges the adjacent pair whose
+        concatenation has the lowest rank, until none is a token. The BPE model does the same when
+        every split (left, right) of a token into two tokens is a merge whose priority is the token's
+        rank; `ignore_merges` takes a whole piece that is a token at once, as tiktoken does. Tokens are
+        spelt in the byte-to-unicode alphabet of byte-level BPE (GPT-2's), specials keep their ids."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if sorted(self.ranks.values()) != list(range(len(self.ranks))):
+            raise K2Error(f"the tiktoken ranks{self.where} are not the ids 0..{len(self.ranks) - 1}",
+                          "k2 converts only dense tiktoken files, as Kimi K2's tiktoken.model")
+        alphabet = _byte_alphabet()
+
+        def spell(b: bytes) -> str:
+            return "".join(alphabet[x] for x in b)
+
+        merges = []  # (rank of the merged token, left, right)
+        for token, rank in self.ranks.items():
+            merges += [(rank, token[:i], token[i:]) for i in range(1, len(token))
+                       if token[:i] in self.ranks and token[i:] in self.ranks]
+        merges.sort(key=lambda m: (m[0], self.ranks[m[1]], self.ranks[m[2]]))
+        bpe = models.BPE({spell(t): r for t, r in self.ranks.items()}, [(spell(a), spell(b)) for _, a, b in merges],
+                         fuse_unk=False, ignore_merges=True)
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(self.pat_str), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        specials = sorted(self.specials.items(), key=lambda x: x[1])  # added in id order: they get ids n, n+1 ...
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+        wrong = [(t, i) for t, i in specials if tok.token_to_id(t) != i]
+        if wrong:
+            raise K2Error(f"cannot convert the tiktoken tokenizer{self.where}: special token {wrong[0][0]!r} would not keep id {wrong[0][1]}",
+                          "its tiktoken.model must not hold the special tokens' text as ordinary tokens")
+        return tok
+
+    def save_hf(self, directory: Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json, which transformers' AutoTokenizer loads without
+        Kimi's remote code (PreTrainedTokenizerFast): the same ids, special tokens and chat template.
+        The tokenizer_config.json this one came with (auto_map -> tokenization_kimi.py) is replaced."""
+        directory = Path(directory)
+        self.to_tokenizers().save(str(directory / "tokenizer.json"))
+        keep = ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length", "clean_up_tokenization_spaces")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config |= {k: self.config_token(k) if k.endswith("_token") else self.config[k] for k in keep if k in self.config}
+        config["added_tokens_decoder"] = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                   "normalized": False, "single_word": False}
+                                          for t, i in sorted(self.specials.items(), key=lambda x: x[1])}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _byte_alphabet() -> list[str]:
+    """Byte-level BPE's spelling of each byte (GPT-2's bytes_to_unicode): printable bytes are themselves,
+    the others are shifted to U+0100 onwards, so every token is a printable string."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def write_tiktoken_model(ranks: dict[bytes, int], path: Path) -> None:
