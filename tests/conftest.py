@@ -8,6 +8,11 @@ from k2cli.model.config import ModelConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU, Triton kernels run in Triton's interpreter. The choice is made when a kernel is defined
+# (model/triton_kernels.py, on first use), so it is set here, before any test can define one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 try:
     import datasets
 
