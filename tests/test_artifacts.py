@@ -128,3 +128,13 @@ def test_root_is_an_argument_not_the_environment(tmp_path, artifacts_root, k2):
     assert (third / "model" / "v1" / "manifest.json").exists() and os.environ["K2_ARTIFACTS"] == str(artifacts_root)
     again = k2("--root", third, "--reuse", "model", "init", "--preset", "micro")
     assert "up to date: model/v1" in again.output and not (third / "model" / "v2").exists()
+
+
+def test_artifacts_list_is_oldest_first_not_alphabetical(k2, artifacts_root):
+    import time as _time
+
+    k2("model", "init", "--preset", "micro", "--out", "zeta")
+    _time.sleep(1.1)  # creation times have one-second resolution
+    k2("model", "init", "--preset", "micro", "--out", "alpha")
+    ids = [row["id"] for row in json.loads(k2("artifacts", "list", "--json").output)]
+    assert ids.index("zeta/v1") < ids.index("alpha/v1"), ids

@@ -33,6 +33,10 @@ def _size(manifest) -> str:
 def list_cmd(stage, as_json):
     """All artifacts under the artifacts root, oldest first; a damaged one is listed as damaged."""
     found = [(p, a, why) for p, a, why in scan_artifacts() if stage is None or p.parent.name == stage]
+    # oldest first, as it says: by creation time (ISO 8601 sorts as text); a damaged one, which has none, by
+    # its directory's modification time, in the same order
+    found.sort(key=lambda f: f[1].manifest.get("created", "") if f[1] is not None and isinstance(f[1].manifest.get("created"), str)
+               else _mtime_iso(f[0]))
     if as_json:
         out.print_json(json.dumps([{"id": a.id, "kind": a.kind, "path": str(p), "created": a.manifest.get("created")}
                                    if a is not None else {"id": f"{p.parent.name}/{p.name}", "path": str(p), "damaged": why}
@@ -45,6 +49,15 @@ def list_cmd(stage, as_json):
             if a is not None else [f"{p.parent.name}/{p.name}", "[red]damaged[/]", "", "", why[:60]]
             for p, a, why in found]
     out.print(table(f"artifacts in {artifacts_root()}", ["id", "kind", "created", "size", "summary"], rows, right=(3,)))
+
+
+def _mtime_iso(path) -> str:
+    import datetime
+
+    try:
+        return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    except OSError:
+        return ""
 
 
 @artifacts_group.command("show")
