@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -35,15 +34,7 @@ class InProcessK2(run.K2):
     def execute(self, argv, log, env):
         from k2cli.cli import cli
 
-        saved = {k: os.environ.get(k) for k in ("K2_ARTIFACTS", "K2_REUSE")}
-        try:
-            result = CliRunner().invoke(cli, argv, catch_exceptions=False)
-        finally:  # --root and --reuse set these for the process: leave the test's environment as it was
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        result = CliRunner().invoke(cli, argv, catch_exceptions=False)  # --root and --reuse are arguments: no environment to restore
         log.write(result.output)
         return result.exit_code
 
