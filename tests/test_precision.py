@@ -108,3 +108,23 @@ def test_micro_chain_trains_in_bf16(k2):
 
         rows = read_metrics(art.file("metrics.jsonl"))
         assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), stage
+
+
+def test_a_serving_model_stores_its_matrices_in_the_compute_dtype_once():
+    """k2 serve / chat keep a generate-only model in bf16 (no float32 -> bf16 cast of every weight on every
+    decoded token); the router's weights and bias and the norms stay float32, and it generates as the
+    float32-weight model does under the same bf16 compute dtype."""
+    from k2cli.model.moe import Router
+    from k2cli.model.precision import store_for_inference
+
+    model = micro_model().eval()
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    expected = generate(model, prompts, max_new_tokens=5, precision="bf16")
+    store_for_inference(model, torch.bfloat16)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(r.weight.dtype == torch.float32 and r.e_score_correction_bias.dtype == torch.float32 for r in routers)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if p.dim() >= 2 and ".gate.weight" not in n)
+    assert generate(model, prompts, max_new_tokens=5, precision="bf16") == expected
+    kept = store_for_inference(micro_model(), torch.float32)  # float32 (and None): nothing to do
+    assert all(p.dtype == torch.float32 for p in kept.parameters())

@@ -41,6 +41,24 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+@torch.no_grad()
+def store_for_inference(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Keep a model that only serves (k2 serve / k2 chat) in its compute dtype: matrices are stored in
+    `dtype` once, so each decoding step reads 2 bytes a weight instead of casting float32 weights at
+    every matmul (memory-bound decoding would pay the cast on every token). What the policy keeps in
+    float32 stays float32: the router's weights and correction bias, norms (1-D). A no-op for None or
+    float32. Training never calls this: its weights are the optimizer's float32 master copy."""
+    if dtype is None or dtype == torch.float32:
+        return model
+    from k2cli.model.moe import Router
+
+    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
+    for p in model.parameters():
+        if p.dim() >= 2 and id(p) not in routers:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def check_device(name) -> torch.device:
     """The torch device `name` (cpu, cuda, cuda:1, ...), or a K2Error when this machine has no such device."""
     try:

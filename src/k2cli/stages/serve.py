@@ -38,6 +38,7 @@ def load_chat_model(ref: str, device: str = "auto"):
     """(model, tokenizer, artifact) of a model artifact that carries a tokenizer."""
     from k2cli.data.tokenizer import has_tokenizer, load_tokenizer
     from k2cli.model.io import load_model
+    from k2cli.model.precision import inference_dtype, store_for_inference
 
     device = resolve_device(device)
     try:
@@ -47,6 +48,8 @@ def load_chat_model(ref: str, device: str = "auto"):
         raise K2Error(f"cannot load {ref} on {device}: {str(e).splitlines()[0]}", hint)
     if not has_tokenizer(art.path):
         raise K2Error(f"model {art.id} has no tokenizer", "serve a model made by k2 pretrain / sft / rl")
+    # this model only generates: store its matrices in the compute dtype once (bf16 on a CUDA GPU)
+    store_for_inference(model, inference_dtype(model, model.embed_tokens.weight.device))
     return model, load_tokenizer(art.path), art
 
 
