@@ -138,7 +138,7 @@ class RLTask:
         return float(micro["unit"].sum())
 
     def loss(self, model, micro: dict, max_logits: bool) -> tuple[torch.Tensor, dict, object]:
-        n = int(micro["length"].max())  # trim the padding this micro-batch does not need
+        n = int(micro["length"].max())  # trim the padding this micro-batch does not need (the step's one host read: shapes)
         logits, stats = model(micro["input_ids"][:, :n], stats=True, max_logits=max_logits)  # [B, n, V]
         tok_logp, seq_logp = sequence_logprobs(logits, micro["targets"][:, :n])  # [B, n], [B]
         kind, coef = micro["kind"], micro["coef"]
@@ -147,10 +147,10 @@ class RLTask:
         # every row enters both sums with a 0/1 factor, so the result is always part of the graph
         total = policy_loss(seq_logp, micro["old_logp"], micro["adv"], coef * rl, self.cfg.tau, self.cfg.loss)
         total = total - ((coef * token_rows)[:, None] * tok_logp).sum()
-        extras = {}
-        if bool(rl.any()):
-            ratio = (seq_logp - micro["old_logp"]).detach()[rl.bool()]
-            extras = {"log_ratio_mean": float(ratio.mean()), "log_ratio_abs_max": float(ratio.abs().max())}
+        # how far the policy moved from the one that sampled (RL rows only): device tensors, which the
+        # loop moves to the host with the rest of the step's log (no sync here)
+        ratio = (seq_logp - micro["old_logp"]).detach().float()
+        extras = {"log_ratio_mean": (ratio * rl).sum() / rl.sum().clamp(min=1), "log_ratio_abs_max": (ratio.abs() * rl).max()}
         return total, extras, stats
 
     @torch.no_grad()
