@@ -30,46 +30,29 @@ REPO = HERE.parent
 
 # ----------------------------------------------------------------------------- 1. presets
 #
-# Token budgets are the unit: a pretraining run is steps x batch x seq_len tokens. The cpu preset
-# is sized for about 90 minutes on 2 idle cores (measured per experiment in REPORT.md).
+# What experiments share: the base recipe, the corpus, and the pretraining run of experiment 1 that
+# later experiments start from. Token budgets are the unit: a run is steps x batch x seq_len tokens.
+# Each experiment module sizes its own runs in its SIZES dict (same preset keys). The cpu preset is
+# sized for at most 45 minutes on 2 idle cores (measured per experiment in REPORT.md).
 
 PRESETS: dict[str, dict] = {
     "quick": dict(
         base="micro",  # recipes/micro/*.toml
         world=40, rewrites=2, vocab=512,
         batch=4, seq=128, steps=12, eval_every=4, lr=0.01,
-        seeds=[0], adamw_lrs=[0.01], muon_fractions=[],
-        logit=dict(steps=12, lr=0.05, weight_decay=0.0, tau=5.0),
-        experts=[4, 8], experts_per_tok=2,
-        kn=dict(world=20, epoch_scale=1, batch=4, seq=128, sft_steps=4, eval_examples=8, max_new_tokens=8),
-        ext=dict(parent_batch=4, steps=2, batch=2, seq=384, factor=2.0, trials=1, lengths=[1.0, 2.0], depths=[0.5]),
-        rl=dict(steps=2, sft_steps=4),
+        seeds=[0],
     ),
     "cpu": dict(
         base="tiny",  # recipes/tiny/*.toml: the tiny (1.9M-parameter) MLA+MoE model
         world=400, rewrites=4, vocab=2048,
         batch=8, seq=256, steps=300, eval_every=25, lr=0.01,
         seeds=[0, 1],  # the MuonClip baseline twice: the seed-to-seed spread is the noise floor
-        adamw_lrs=[0.01, 0.003],  # AdamW at the shared lr and lower: the better one is the baseline
-        muon_fractions=[0.5],  # Muon with its own full schedule at half the tokens (token efficiency)
-        logit=dict(steps=200, lr=0.05, weight_decay=0.0, tau=100.0),  # K2's tau, where Muon's logits grow
-        experts=[8, 16, 32, 64], experts_per_tok=2,  # sparsity 4, 8, 16, 32 at fixed active parameters
-        kn=dict(world=50, epoch_scale=10, batch=16, seq=128, sft_steps=60, eval_examples=150, max_new_tokens=12),
-        ext=dict(parent_batch=16, steps=100, batch=8, seq=512, factor=4.0, trials=10, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
-                 depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
-        rl=dict(steps=20, sft_steps=100),
     ),
     "gpu": dict(
         base="small",  # recipes/small/*.toml: the small (116M total, 39M active) model on one GPU
         world=2000, rewrites=4, vocab=16384,
         batch=32, seq=1024, steps=1000, eval_every=50, lr=0.006,
-        seeds=[0, 1, 2], adamw_lrs=[0.006, 0.002], muon_fractions=[0.25, 0.5],
-        logit=dict(steps=500, lr=0.03, weight_decay=0.0, tau=100.0),
-        experts=[8, 16, 32, 64, 128], experts_per_tok=4,  # sparsity 2 ... 32 (48 = 192/4 is affordable too)
-        kn=dict(world=1000, epoch_scale=10, batch=64, seq=256, sft_steps=300, eval_examples=1000, max_new_tokens=16),
-        ext=dict(parent_batch=32, steps=300, batch=16, seq=2048, factor=4.0, trials=20, lengths=[0.5, 1.0, 2.0, 3.0, 4.0],
-                 depths=[0.1, 0.3, 0.5, 0.7, 0.9]),
-        rl=dict(steps=100, sft_steps=500),
+        seeds=[0, 1, 2],
     ),
 }
 

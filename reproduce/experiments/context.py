@@ -22,6 +22,32 @@ from reproduce.common import Context, artifact, metrics, plt, recipe_value, save
 from reproduce.stats import Rule, binom_se, fmt, judge
 
 KEY, TITLE = "context", "Context extension: none / linear / YaRN"
+
+# How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
+SIZES = {'quick': {'parent_batch': 4,
+           'steps': 2,
+           'batch': 2,
+           'seq': 384,
+           'factor': 2.0,
+           'trials': 1,
+           'lengths': [1.0, 2.0],
+           'depths': [0.5]},
+ 'cpu': {'parent_batch': 16,
+         'steps': 100,
+         'batch': 8,
+         'seq': 512,
+         'factor': 4.0,
+         'trials': 10,
+         'lengths': [0.5, 1.0, 2.0, 3.0, 4.0],
+         'depths': [0.1, 0.3, 0.5, 0.7, 0.9]},
+ 'gpu': {'parent_batch': 32,
+         'steps': 300,
+         'batch': 16,
+         'seq': 2048,
+         'factor': 4.0,
+         'trials': 20,
+         'lengths': [0.5, 1.0, 2.0, 3.0, 4.0],
+         'depths': [0.1, 0.3, 0.5, 0.7, 0.9]}}
 METHODS = {"none": "none (positions raised, no scaling)", "linear": "linear interpolation", "yarn": "YaRN"}
 PARENT = "mid-trained parent, no extension"  # its numbers are recorded in the YaRN artifact (eval_parent=true)
 
@@ -36,7 +62,7 @@ class Runs:
 
 
 def commands(ctx: Context) -> Runs:
-    P, X = ctx.P, ctx.P["ext"]
+    P, X = ctx.P, SIZES[ctx.preset]
     ctx.base_data()
     seed = P["seeds"][0]
 
@@ -125,7 +151,7 @@ class Measurement:
 
 
 def measure(ctx: Context, runs: Runs) -> Measurement:
-    root, X, yarn = ctx.root, ctx.P["ext"], runs.extended["yarn"]
+    root, X, yarn = ctx.root, SIZES[ctx.preset], runs.extended["yarn"]
     heatmap = artifact(root, yarn).file("passkey.png")
     return Measurement(
         runs=runs, m={k: metrics(root, n) for k, n in runs.extended.items()},
@@ -189,7 +215,7 @@ YARN_LOSS_FLAT = [
 
 
 def plots(ctx: Context, m: Measurement) -> list[str]:
-    X, p = ctx.P["ext"], plt()
+    X, p = SIZES[ctx.preset], plt()
     fig, ax = p.subplots(figsize=(6, 3.8))
     for i, (lab, ys) in enumerate(m.curves.items()):
         ax.plot(m.lengths, [None if y is None else 100 * y for y in ys], marker="o", label=lab, color=f"C{i}",
@@ -214,7 +240,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
 
 
 def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
-    P, X, runs, orig, lengths, n = ctx.P, ctx.P["ext"], m.runs, m.orig, m.lengths, m.n
+    P, X, runs, orig, lengths, n = ctx.P, SIZES[ctx.preset], m.runs, m.orig, m.lengths, m.n
     body = [
         (f"Experiment 1's MuonClip model (context {orig}; {P['steps']} x {P['batch']} x {P['seq']} tokens)" if runs.base == runs.exp1 else
          f"A MuonClip model (context {orig}) pre-trained like experiment 1's but with {X['parent_batch']} rows per step "

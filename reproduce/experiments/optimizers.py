@@ -20,6 +20,17 @@ from reproduce.stats import Rule, budget_to_reach, differs, fmt, judge, tokens_t
 
 KEY, TITLE = "optimizers", "MuonClip vs Muon vs AdamW"
 
+# How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
+SIZES = {'quick': {'adamw_lrs': [0.01],
+           'muon_fractions': [],
+           'logit': {'steps': 12, 'lr': 0.05, 'weight_decay': 0.0, 'tau': 5.0}},
+ 'cpu': {'adamw_lrs': [0.01, 0.003],
+         'muon_fractions': [0.5],
+         'logit': {'steps': 200, 'lr': 0.05, 'weight_decay': 0.0, 'tau': 100.0}},
+ 'gpu': {'adamw_lrs': [0.006, 0.002],
+         'muon_fractions': [0.25, 0.5],
+         'logit': {'steps': 500, 'lr': 0.03, 'weight_decay': 0.0, 'tau': 100.0}}}
+
 
 @dataclass
 class Runs:
@@ -36,13 +47,13 @@ def commands(ctx: Context) -> Runs:
     for seed in P["seeds"]:
         main[f"MuonClip (seed {seed})"] = ctx.baseline(seed)
     main["Muon"] = ctx.pretrain("opt-muon", "optim.name=muon")
-    for lr in P["adamw_lrs"]:
+    for lr in SIZES[ctx.preset]["adamw_lrs"]:
         main[f"AdamW lr {lr:g}"] = ctx.pretrain(f"opt-adamw-lr{lr:g}", "optim.name=adamw", f"optim.lr={lr}")
     short = {}
-    for f in P["muon_fractions"]:
+    for f in SIZES[ctx.preset]["muon_fractions"]:
         steps = max(2, int(round(P["steps"] * f)))
         short[steps * tps] = ctx.pretrain(f"opt-muon-f{f:g}", "optim.name=muon", steps=steps)
-    L = P["logit"]
+    L = SIZES[ctx.preset]["logit"]
     grow = {}
     for opt in ("muon", "muonclip"):
         grow[opt] = ctx.pretrain(f"opt-logit-{opt}", f"optim.name={opt}", f"optim.lr={L['lr']}",
@@ -125,7 +136,7 @@ def measure(ctx: Context, runs: Runs) -> Measurement:
     tps = P["batch"] * P["seq"]
     main = {label: metrics(root, n) for label, n in runs.main.items()}
     seeds_v = [main[f"MuonClip (seed {s})"]["final_val_loss"] for s in P["seeds"]]
-    adamw = {lr: main[f"AdamW lr {lr:g}"]["final_val_loss"] for lr in P["adamw_lrs"]}
+    adamw = {lr: main[f"AdamW lr {lr:g}"]["final_val_loss"] for lr in SIZES[ctx.preset]["adamw_lrs"]}
     best_lr = min(adamw, key=adamw.get)
     budget = P["steps"] * tps
     short = {t: metrics(root, n) for t, n in runs.short.items()}
@@ -137,7 +148,7 @@ def measure(ctx: Context, runs: Runs) -> Measurement:
         noise=(max(seeds_v) - min(seeds_v)) if len(seeds_v) > 1 else None,
         best_lr=best_lr, adam_loss=adamw[best_lr], t_curve=tokens_to_reach(curves["Muon"], adamw[best_lr]),
         t_budget=t_budget, how=how,
-        tau=P["logit"]["tau"], logit_steps=P["logit"]["steps"],
+        tau=SIZES[ctx.preset]["logit"]["tau"], logit_steps=SIZES[ctx.preset]["logit"]["steps"],
         grow={opt: history(root, n) for opt, n in runs.grow.items()},
         grow_final={opt: metrics(root, n)["final_val_loss"] for opt, n in runs.grow.items()},
         n_heads=attention_heads(root, runs.grow["muonclip"]),
@@ -189,7 +200,7 @@ LOSS_ORDER = [
 
 
 def plots(ctx: Context, m: Measurement) -> list[str]:
-    L, tps, p = ctx.P["logit"], m.tokens_per_step, plt()
+    L, tps, p = SIZES[ctx.preset]["logit"], m.tokens_per_step, plt()
 
     # validation loss vs tokens at equal budgets
     fig, ax = p.subplots(figsize=(6.4, 4.2))
@@ -249,7 +260,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
 
 
 def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
-    P, L, ref = ctx.P, ctx.P["logit"], m.runs[m.s0]
+    P, L, ref = ctx.P, SIZES[ctx.preset]["logit"], m.runs[m.s0]
     body = [
         f"Corpus: the synthetic world ({P['world']} people) with {P['rewrites']} verified rewrites per document "
         f"(`k2 rephrase`), one shared tokenizer; model `{P['base']}` "
@@ -257,7 +268,7 @@ def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
         f"{fmt(ref.get('params_active'), ',')} active). Every run: {P['steps']} steps x {P['batch']} x "
         f"{P['seq']} = {m.budget / 1e6:.2f}M tokens, warmup-stable-decay schedule, peak lr {P['lr']:g} (Muon's update is "
         "RMS-matched to AdamW's, so one lr serves both"
-        + (f"; AdamW also at {', '.join(f'{x:g}' for x in P['adamw_lrs'] if x != P['lr'])}" if len(P["adamw_lrs"]) > 1 else "")
+        + (f"; AdamW also at {', '.join(f'{x:g}' for x in SIZES[ctx.preset]['adamw_lrs'] if x != P['lr'])}" if len(SIZES[ctx.preset]["adamw_lrs"]) > 1 else "")
         + "), "
         f"weight decay 0.1. Seeds: MuonClip {', '.join(map(str, P['seeds']))}; every other run seed 0.",
         "",
@@ -308,7 +319,7 @@ def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
 
 
 def summary(ctx: Context, m: Measurement) -> list[list[str]]:
-    L, final, ever, n = ctx.P["logit"], m.final, len(m.clipped_steps), len(m.grow["muonclip"])
+    L, final, ever, n = SIZES[ctx.preset]["logit"], m.final, len(m.clipped_steps), len(m.grow["muonclip"])
     efficiency = "; ".join([
         f"{'>= ' if m.how == 'below smallest budget' else ''}{m.ratio_budget:.2f}x (budget runs)" if m.ratio_budget
         else ("budget runs: not reached" if m.short else ""),

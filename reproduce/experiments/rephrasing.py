@@ -19,12 +19,35 @@ from reproduce.common import PAPER, Context, corpus_tokens, eval_results, metric
 from reproduce.stats import Rule, binom_se, differs, fmt, judge
 
 KEY, TITLE = "rephrasing", "Rephrasing vs epochs (knowledge)"
+
+# How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
+SIZES = {'quick': {'world': 20,
+           'epoch_scale': 1,
+           'batch': 4,
+           'seq': 128,
+           'sft_steps': 4,
+           'eval_examples': 8,
+           'max_new_tokens': 8},
+ 'cpu': {'world': 50,
+         'epoch_scale': 10,
+         'batch': 16,
+         'seq': 128,
+         'sft_steps': 60,
+         'eval_examples': 150,
+         'max_new_tokens': 12},
+ 'gpu': {'world': 1000,
+         'epoch_scale': 10,
+         'batch': 64,
+         'seq': 256,
+         'sft_steps': 300,
+         'eval_examples': 1000,
+         'max_new_tokens': 16}}
 CORPORA = {"raw": "kn-synth", "rw1": "kn-rw1", "rw10": "kn-rw10"}  # arm -> dataset artifact
 
 
 def commands(ctx: Context) -> int:
     """Runs every step; returns the pretraining steps (equal for all three arms)."""
-    P, K, k2 = ctx.P, ctx.P["kn"], ctx.k2
+    P, K, k2 = ctx.P, SIZES[ctx.preset], ctx.k2
     # the world, biographies only (no math documents): pre-training is all biographies
     k2("data", "synth", "--recipe", ctx.recipe("synth"), "--set", f"world.size={K['world']}", "--set", "math.count=0",
        "--out", "kn-synth")
@@ -90,7 +113,7 @@ class Measurement:
 
 
 def measure(ctx: Context, steps: int) -> Measurement:
-    K, root = ctx.P["kn"], ctx.root
+    K, root = SIZES[ctx.preset], ctx.root
     sft = {k: v["knowledge"] for k, v in eval_results(root, "kn-eval-sft").items()}
     base = {k: v["knowledge"] for k, v in eval_results(root, "kn-eval-base").items()}
     attrs = sorted({a for k in CORPORA for a in sft[k] if a.startswith("accuracy_") and a != "accuracy_qa_train_people"})
@@ -140,7 +163,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
                 label="held-out people, QA after SFT")
     axes[0].bar(list(x), [100 * (m.acc_train[k] or 0) for k in ks], w, label="QA-train people (SFT data)")
     axes[0].bar([i + w for i in x], [100 * m.cloze[k] for k in ks], w, label="held-out people, base model cloze")
-    axes[0].set_xticks(list(x), [labels(ctx.P["kn"])[k] for k in ks], fontsize=8)
+    axes[0].set_xticks(list(x), [labels(SIZES[ctx.preset])[k] for k in ks], fontsize=8)
     axes[0].set_ylabel("accuracy (%)")
     top = max([m.acc[k] + 2 * se[k] for k in ks] + [m.acc_train[k] or 0 for k in ks] + [m.cloze[k] for k in ks])
     axes[0].set_ylim(0, max(10, 110 * top))
@@ -158,7 +181,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
 
 
 def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
-    K, ks, names = ctx.P["kn"], list(CORPORA), labels(ctx.P["kn"])
+    K, ks, names = SIZES[ctx.preset], list(CORPORA), labels(SIZES[ctx.preset])
     body = [
         f"Physics of Language Models 3.1's protocol on the synthetic world: {K['world']} people, one permuted biography "
         "each (no math documents), QA split by person (half the people in `qa_train/`, the other half held out). "

@@ -19,6 +19,11 @@ from reproduce.common import REPO, Context, Skipped, artifact, history, metrics,
 from reproduce.stats import BEATS, Comparison, binom_se, fmt, judge
 
 KEY, TITLE = "rl", "RL: K1.5 vs policy gradient; critic refinement"
+
+# How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
+SIZES = {'quick': {'steps': 2, 'sft_steps': 4},
+ 'cpu': {'steps': 20, 'sft_steps': 100},
+ 'gpu': {'steps': 100, 'sft_steps': 500}}
 CLAIM = "K1.5 objective beats plain policy gradient (held-out reward); critic refinement helps"
 RUNS = {  # label -> (artifact name, --set overrides of the rl recipe)
     "K1.5 objective": ("rl-k15", ["rl.loss=k15"]),
@@ -28,7 +33,7 @@ RUNS = {  # label -> (artifact name, --set overrides of the rl recipe)
 
 
 def commands(ctx: Context) -> None:
-    P, R, k2 = ctx.P, ctx.P["rl"], ctx.k2
+    P, R, k2 = ctx.P, SIZES[ctx.preset], ctx.k2
     if not k2.available("rl"):
         raise Skipped("not run: k2 rl not available in this build", [CLAIM, "K1.5 / K2 section 3.2", "-", "not run: k2 rl not available"])
     if not (REPO / ctx.recipe("rl")).exists():
@@ -127,7 +132,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
 
 
 def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
-    R, envs = ctx.P["rl"], m.envs
+    R, envs = SIZES[ctx.preset], m.envs
     body = [f"The experiment-1 MuonClip model, SFT ({R['sft_steps']} steps: agentic, QA, math), then `k2 rl` for "
             f"{R['steps']} steps with each objective (seed 0).", "",
             "| run | " + " | ".join(f"{e.removeprefix('heldout_')} start -> end" for e in envs) + " | critic accuracy start -> end |",

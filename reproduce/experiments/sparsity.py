@@ -18,16 +18,21 @@ from reproduce.stats import Rule, differs, fmt, judge
 
 KEY, TITLE = "sparsity", "Sparsity at fixed active parameters"
 
+# How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
+SIZES = {'quick': {'experts': [4, 8], 'experts_per_tok': 2},
+ 'cpu': {'experts': [8, 16, 32, 64], 'experts_per_tok': 2},
+ 'gpu': {'experts': [8, 16, 32, 64, 128], 'experts_per_tok': 4}}
+
 # The routed-expert shape of each base recipe (recipes/<base>/pretrain.toml): (routed experts, active per token).
 RECIPE_EXPERTS = {"micro": (4, 2), "tiny": (8, 2), "small": (32, 4)}
 
 
 def commands(ctx: Context) -> dict[int, str]:
     """Routed experts -> artifact name."""
-    P, k = ctx.P, ctx.P["experts_per_tok"]
+    P, k = ctx.P, SIZES[ctx.preset]["experts_per_tok"]
     ctx.base_data()
     runs = {}
-    for E in P["experts"]:
+    for E in SIZES[ctx.preset]["experts"]:
         if (E, k) == RECIPE_EXPERTS.get(P["base"]):
             runs[E] = ctx.baseline()  # the recipe's own shape: the very run of experiment 1 (reused, not trained twice)
         else:
@@ -66,7 +71,7 @@ class Measurement:
 
 
 def measure(ctx: Context, runs: dict[int, str]) -> Measurement:
-    k, rows = ctx.P["experts_per_tok"], []
+    k, rows = SIZES[ctx.preset]["experts_per_tok"], []
     for E, n in runs.items():
         m = metrics(ctx.root, n)
         rows.append(Row(E / k, E, m["final_val_loss"], m["params_total"], m["params_active"], m.get("wall_s")))
@@ -100,7 +105,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
 def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
     P = ctx.P
     body = [
-        f"The model `{P['base']}` with {P['experts_per_tok']} routed experts active per token (plus 1 shared), the number "
+        f"The model `{P['base']}` with {SIZES[ctx.preset]['experts_per_tok']} routed experts active per token (plus 1 shared), the number "
         f"of routed experts varied; every run trains on the same {P['steps'] * P['batch'] * P['seq']:,} tokens of the "
         f"experiment-1 corpus with MuonClip, seed {P['seeds'][0]}.",
         "",
