@@ -145,8 +145,9 @@ def test_pack_with_mask_and_targets():
 def test_batch_order_is_a_function_of_step():
     n = 10
     seen = np.concatenate([batch_indices(s, 4, n, seed=3) for s in range(5)])  # 2 epochs
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
-    assert not np.array_equal(seen[:10], seen[10:20])  # a new permutation each epoch
+    # an index names a row of one epoch's packing: epoch * n + row
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10, 20))
+    assert not np.array_equal(seen[:10], seen[10:20] - n)  # a new permutation each epoch
     assert np.array_equal(batch_indices(3, 4, n, seed=3), seen[12:16])
 
 

@@ -29,6 +29,54 @@ def test_stream_rows_equal_in_memory_packing(seq_len):
     assert entropy_of_counts(stream.target_counts(50, chunk_docs=7)) == unigram_entropy(packed.tokens[:, 1:], 50)
 
 
+def _targets_by_document(stream, indices):
+    """(document, offset) of every target position the rows `indices` train on (EOTs left out)."""
+    seen = set()
+    for i in indices:
+        epoch, r = divmod(int(i), len(stream))
+        slot_doc, slot_len, slot_start = stream.layout(epoch)
+        pos = r * stream.T + np.arange(1, stream.T + 1)  # target positions of the row
+        slot = np.searchsorted(slot_start, pos, side="right") - 1
+        within = pos - slot_start[slot]
+        seen |= {(int(slot_doc[s]), int(w)) for s, w in zip(slot, within) if w < slot_len[s] - 1}
+    return seen
+
+
+def test_every_epoch_is_repacked_and_every_document_token_is_trained():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(1, 50, size=rng.integers(3, 30)).tolist() for _ in range(60)]
+    stream = PackedStream(_token_file(docs), np.arange(60), 0, 16, seed=5)
+    n = len(stream)
+    epoch0, epoch1 = stream.token_rows(np.arange(n)), stream.token_rows(n + np.arange(n))
+    assert epoch0.shape == epoch1.shape and (epoch0 != epoch1).any()  # new order, new cuts
+    # epoch 0 is the single packing `pack` makes (runs of at most one epoch are unchanged)
+    assert (epoch0 == pack(docs, 0, 16, seed=5).tokens).all()
+    # rows are a pure function of (seed, epoch, row): a fresh stream (a resumed run) reads the same rows
+    again = PackedStream(_token_file(docs), np.arange(60), 0, 16, seed=5)
+    assert (again.token_rows([2 * n + 3, 5, n + 7]) == stream.token_rows([2 * n + 3, 5, n + 7])).all()
+    # each epoch drops a tail of < T tokens, a different one each epoch: over the epochs that the
+    # training order visits, every token of every document is a target at least once
+    from k2cli.data.packing import batch_indices
+    steps = 3 * n // 4  # three epochs, batches of 4
+    trained = _targets_by_document(stream, np.concatenate([batch_indices(s, 4, n, seed=5) for s in range(steps)]))
+    assert trained == {(d, o) for d in range(60) for o in range(len(docs[d]))}
+    # one epoch alone misses its tail
+    assert len(_targets_by_document(stream, np.arange(n))) < len(trained)
+
+
+def test_chat_masks_are_repacked_with_their_tokens():
+    from k2cli.data.token_cache import TokenFile
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    masks = [[False, True, True], [False, True], [False, False, True, True], [True]]
+    stream = PackedStream(TokenFile.in_memory(docs, masks), np.arange(4), 0, 4, seed=0, train_separator=False)
+    trained = {5: False, 6: True, 7: True, 8: False, 9: True, 10: False, 11: False, 12: True, 13: True, 14: True, 0: False}
+    for epoch in range(3):
+        rows = epoch * len(stream) + np.arange(len(stream))
+        targets, tokens = stream.rows(rows)["targets"], stream.token_rows(rows)[:, 1:]
+        for t, tok in zip(targets.flatten().tolist(), tokens.flatten().tolist()):
+            assert (t != -100) == trained[tok] and (t == -100 or t == tok)
+
+
 def test_stream_too_short_is_a_clear_error():
     with pytest.raises(K2Error, match="not enough for one sequence"):
         PackedStream(_token_file([[1, 2]]), [0], 0, 8, seed=0)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from k2cli.data.packing import PackedData
+from k2cli.data.packing import PackedData, epoch_order
 from k2cli.errors import K2Error
 
 SOURCES = ("corpus", "long_docs", "retrieval", "copy", "needles")
@@ -369,7 +369,8 @@ def build_long_context_data(lm, train_docs: list[list[int]], tokenizer, world, s
     if counts["corpus"]:
         n_c = len(lm.train)
         reps = -(-counts["corpus"] // n_c)
-        idx = np.concatenate([np.random.default_rng([seed, e]).permutation(n_c) for e in range(reps)])[: counts["corpus"]]
+        # corpus rows of `reps` epochs, each epoch re-packed and re-shuffled (data/packing.py)
+        idx = np.concatenate([e * n_c + epoch_order(n_c, seed, e) for e in range(reps)])[: counts["corpus"]]
         parts.append(lm.train.token_rows(idx))
         masks.append(np.ones((len(idx), T), dtype=bool))
     if counts["long_docs"]:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from k2cli.data.chat import render, validate_conversation
-from k2cli.data.packing import PackedData, pack
+from k2cli.data.packing import PackedData, PackedStream, pack
+from k2cli.data.token_cache import TokenFile
 from k2cli.errors import K2Error
 
 SOURCES = ("agentic", "qa", "math", "chat", "corpus")
@@ -107,7 +108,7 @@ def load_conversations(source: str, art) -> list[dict]:
 
 @dataclass
 class SFTData:
-    train: PackedData
+    train: PackedStream  # re-packed every epoch
     val: PackedData
     counts: dict  # per source: conversations, kept, dropped/truncated, tokens
 
@@ -168,7 +169,9 @@ def build_sft_data(tokenizer, convs: dict[str, list[dict]], cfg: SFTDataConfig, 
     n_val = max(1, int(round(len(examples) * cfg.val_fraction)))
     val_ex = [examples[i] for i in order[:n_val]]
     train_ex = [examples[i] for i in order[n_val:]] + replay
-    train = pack([e[0] for e in train_ex], tokenizer.eot_id, seq_len, seed, masks=[e[1] for e in train_ex], train_separator=False)
+    # re-packed every epoch (new cuts), like pre-training data; validation is one fixed packing
+    train = PackedStream(TokenFile.in_memory([e[0] for e in train_ex], [e[1] for e in train_ex]), np.arange(len(train_ex)),
+                         tokenizer.eot_id, seq_len, seed, train_separator=False)
     val = pack([e[0] for e in val_ex], tokenizer.eot_id, seq_len, seed + 1, masks=[e[1] for e in val_ex], train_separator=False) \
         if sum(len(e[0]) + 1 for e in val_ex) > seq_len + 1 else PackedData(np.zeros((0, seq_len + 1), np.int32))
     return SFTData(train, val, counts)

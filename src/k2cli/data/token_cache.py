@@ -36,6 +36,15 @@ CHUNK_DOCS = 1024  # documents per batch encode
 class TokenFile:
     tokens: np.ndarray  # [total tokens], memory-mapped, uint16/uint32
     offsets: np.ndarray  # [n_docs + 1] int64
+    mask: np.ndarray | None = None  # [total tokens] bool: the token counts in the loss (chat data, in memory)
+
+    @classmethod
+    def in_memory(cls, docs: list[list[int]], masks: list[list[bool]] | None = None) -> "TokenFile":
+        """Documents already tokenised (e.g. rendered chats and their loss masks), in the same layout."""
+        offsets = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int64)
+        tokens = np.concatenate([np.asarray(d, np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
+        mask = None if masks is None else (np.concatenate([np.asarray(m, bool) for m in masks]) if masks else np.zeros(0, bool))
+        return cls(tokens, offsets, mask)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
