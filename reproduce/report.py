@@ -77,8 +77,12 @@ def render(preset: str, P: dict, sections: list[Section], k2: K2, wall_s: float,
             "|---|---|---:|---:|"]
     for n, s in zip("12345", sections):
         out.append(f"| {n}. {s.title} | {s.status} | {s.wall_s / 60:.1f} min | {made(s.key) / 60:.1f} min |")
-    out += ["", "Verdicts: *reproduced* (the direction and, where a noise estimate exists, beyond twice it), *within noise*, "
-            "*partly*, *not reproduced* (measured numbers given), *not run*.", ""]
+    out += ["", "Verdicts: *reproduced* (the direction and, where a noise estimate exists, beyond twice it), *within noise* "
+            "(the difference is below twice its noise estimate, which the verdict names), *partly*, *not reproduced* "
+            "(measured numbers given), *probe failed* (the measuring instrument failed its own gate, so the claim was not "
+            "tested), *not tested at this scale* (the design cannot resolve the claim here; the numbers say why), *not run*. "
+            "Each verdict is the first rule of its experiment's rule list (reproduce/experiments/*.py) that the "
+            "measurement satisfies.", ""]
     for n, s in zip("12345", sections):
         out += [f"## {n}. {s.title}", ""]
         if s.status == "failed":
