@@ -130,8 +130,10 @@ def test_rephrasing_probe_failed_in_the_report(tmp_path):
     assert verdicts(sec)[0].startswith("reproduced")  # the base-model probe does not depend on the fine-tune
 
 
+@pytest.mark.slow
 def test_quick_rephrasing_end_to_end(tmp_path):
-    """The --quick preset on real micro artifacts: every arm probed, the probe's rows pair across arms."""
+    """The --quick preset on real micro artifacts: every arm probed, the probe's rows pair across arms.
+    (14 k2 steps: 125 s of CPU at load 11 on the 2-core machine, about a minute idle.)"""
     ctx = quick_context(tmp_path, runner=InProcessK2)
     sec = run_section(rephrasing, ctx)
     assert len(sec.summary) == 3 and all(row[3] for row in sec.summary)

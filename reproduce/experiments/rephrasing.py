@@ -305,7 +305,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
     axes[2].bar(x - w, [PAPER["table1"][k] for k in ks], w, color="gray", label="K2 Table 1 (SimpleQA)")
     axes[2].bar(x, [100 * m.acc[k] for k in ks], w, label="held-out QA after SFT")
     axes[2].bar(x + w, [100 * (m.acc_train[k] or 0) for k in ks], w, label="QA-train people (gate 90%)")
-    axes[2].set_xticks(x, ["raw x 10", "1 rw x 10", "10 rw x 1"], fontsize=8)
+    axes[2].set_xticks(x, names, fontsize=7)
     axes[2].set_ylabel("%")
     axes[2].legend(fontsize=7)
     for a in axes:
