@@ -35,7 +35,8 @@ KEY, TITLE = "rephrasing", "Rephrasing vs epochs (knowledge)"
 SIZES = {
     "quick": {"world": 12, "epoch_scale": 1, "batch": 4, "seq": 128, "sft_steps": 4, "sft_lr": 0.01,
               "eval_examples": 8, "max_new_tokens": 8},
-    # cpu: ~7 idle 2-core minutes: five 178-step pretrains, three 200-step QA fine-tunes, two evals
+    # cpu: ~5 idle 2-core minutes (measured 21.5 min wall at load ~10 with OMP_NUM_THREADS=1: a 178-step pretrain
+    # 119-155 s, a 200-step fine-tune 147-194 s, the probe of 5 models 22 s): five pretrains, three fine-tunes, two evals
     "cpu": {"world": 50, "epoch_scale": 10, "batch": 16, "seq": 128, "sft_steps": 200, "sft_lr": 0.01,
             "eval_examples": 150, "max_new_tokens": 12},
     # gpu: NOT MEASURED (no GPU here), sized by arithmetic for the small model at ~100K tokens/s on one H100/H200
