@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # the `reproduce` package sits at the top of the 
 
 from reproduce import common, run, stats  # noqa: E402
 from reproduce_fixtures import InProcessK2, Recorder, fake, quick_context, run_section, verdicts  # noqa: E402,F401
-from reproduce.experiments import context, optimizers, rephrasing, rl, sparsity  # noqa: E402
+from reproduce.experiments import context, optimizers, rl, sparsity  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -137,40 +137,6 @@ def test_optimizers_measures_and_judges_fabricated_runs(tmp_path):
         f"partly: Muon ahead, by less than 2x ({6144 / 5000:.2f}x)"
     assert stats.judge(optimizers.TOKEN_EFFICIENCY, dataclasses.replace(m, noise=0.2)).startswith("within noise: 1.67x")
     assert stats.judge(optimizers.LOSS_ORDER, dataclasses.replace(m, adam_loss=1.5)) == "not reproduced: AdamW better"
-
-
-def test_rephrasing_reads_corpora_and_eval_results(tmp_path):
-    import datasets
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    ctx = quick_context(tmp_path)
-    words = ["Anna", "Berg", "was", "born", "in", "Oslo", "works", "at", "Acme"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fake(ctx.root, "kn-tokenizer", kind="tokenizer", files={"tokenizer.json": tok.to_str()})
-    for name, docs in {"kn-synth": 2, "kn-rw1": 2, "kn-rw10": 20}.items():
-        fake(ctx.root, name, {"qa_test": 10}, kind="dataset")
-        datasets.Dataset.from_dict({"text": ["Anna Berg was born in Oslo"] * docs, "doc_id": [str(i) for i in range(docs)]}
-                                   ).save_to_disk(str(ctx.root / name / "v1" / "corpus"))
-    acc = {"raw": 0.0, "rw1": 0.5, "rw10": 1.0}  # 8 questions each: every step beyond twice its standard error
-    for name, scale in (("kn-eval-sft", 1.0), ("kn-eval-base", 0.5)):
-        models_ = [{"label": k, "suites": {"knowledge": {"metrics": {
-            "accuracy": scale * a, "accuracy_qa_train_people": 0.9, "accuracy_birth_city": a}}}} for k, a in acc.items()]
-        fake(ctx.root, name, kind="eval", files={"results.json": json.dumps({"models": models_})})
-    sec = run_section(rephrasing, ctx)
-    assert verdicts(sec) == ["reproduced", "reproduced (direction)"]
-    assert "--set train.steps=2 " in ctx.k2.commands["rephrasing"][4]  # 20 x 7 tokens of the 10-rewrite corpus: 1 row
-    assert "| raw x 10 epochs | 14 | 73.1 | 0.0% |" in "\n".join(sec.body)  # 2 documents x (6 words + end-of-text)
-    assert "| birth_city | 0% | 50% | 100% |" in sec.body
-    m = rephrasing.measure(ctx, 2)
-    assert m.n_test == 8  # the eval's cap, below the 10 held-out questions
-    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 0.0, "rw1": 0.0, "rw10": 1.0})) == \
-        "partly: 10 rewrites beat raw beyond noise; the middle step is within noise or reversed"
-    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 0.0, "rw1": 0.01, "rw10": 0.01})) == \
-        "not reproduced: all at the floor at this scale"
-    assert stats.judge(rephrasing.TABLE1_ORDER, dataclasses.replace(m, acc={"raw": 1.0, "rw1": 0.5, "rw10": 0.0})) == \
-        "not reproduced: reversed"
-    assert stats.judge(rephrasing.DIVERSITY, dataclasses.replace(m, acc={"raw": 0.5, "rw1": 0.5, "rw10": 0.6})) == "within noise"
 
 
 def test_sparsity_reuses_experiment_1s_run_and_judges_against_its_noise(tmp_path):

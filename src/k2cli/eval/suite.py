@@ -82,6 +82,7 @@ class SuiteResult:
     rows: list = field(default_factory=list)  # optional detail rows (dicts)
     plots: list = field(default_factory=list)  # PNG paths inside ctx.out_dir
     notes: list = field(default_factory=list)  # sentences for the report
+    files: list = field(default_factory=list)  # other files written into ctx.out_dir (e.g. every scored example)
 
 
 SUITES: dict[str, object] = {}
@@ -134,7 +135,7 @@ def _load_builtin_suites():
     """Suites register themselves on import; modules missing from a build are skipped."""
     import importlib
 
-    for module in ("k2cli.eval.basic", "k2cli.eval.knowledge", "k2cli.eval.passkey", "k2cli.eval.agentic", "k2cli.eval.rl_envs",
+    for module in ("k2cli.eval.basic", "k2cli.eval.knowledge", "k2cli.eval.knowledge_probe", "k2cli.eval.passkey", "k2cli.eval.agentic", "k2cli.eval.rl_envs",
                    "k2cli.eval.lm_eval_bridge"):
         try:
             importlib.import_module(module)

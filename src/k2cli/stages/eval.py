@@ -53,7 +53,8 @@ def evaluate_model(ref: str, cfg: EvalConfig, suites: list[str], out_dir: Path, 
         info(f"[bold]{name}[/] on {label} ...")
         r = suite.run(ctx)
         results["suites"][name] = {"metrics": r.metrics, "notes": r.notes, "rows": r.rows[:50],
-                                   "plots": [Path(p).name for p in r.plots]}
+                                   "plots": [Path(p).name for p in r.plots],
+                                   **({"files": [Path(p).name for p in r.files]} if r.files else {})}
     return results
 
 
