@@ -441,7 +441,7 @@ def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
                  else "One seed only (no noise estimate at this preset).")
     body += ["", noise_txt, "", f"![validation loss vs tokens]({plots[0]})", ""]
     if ref.get("heads_clipped_total", 0) == 0:
-        body.append(f"In the equal-budget runs the clip never fired (max logits stay below tau = {m.tau:g}), so MuonClip "
+        body.append(f"In the equal-budget runs the clip never fired (max logits stay below the recipe's tau), so MuonClip "
                     "and Muon apply the same update there.")
     body += [
         "",
