@@ -31,6 +31,8 @@ KEY, TITLE = "optimizers", "MuonClip vs Muon vs AdamW"
 #   MuonClip lr sweep (weight decay 0, includes lr); quiet_wd = MuonClip at lr with that weight decay
 # cpu (at most 7 idle 2-core minutes): one AdamW lr, 0.003, the better of 0.003 and 0.01 in an earlier run of
 #   this preset (0.9854 vs 1.0228); the 0.01 run is left out to fit the budget.
+#   Measured at c44ae71: 36 min wall on the shared 2 cores at load ~9.7 (OMP_NUM_THREADS=1); from the idle times
+#   of the same runs (300 steps ~52 s, 160 logit steps ~30 s, the check adds one no-grad forward) ~7 idle minutes.
 # gpu: NOT measured (no GPU here). By arithmetic: `small` at the ~6% MFU issue 19 measured on an H200 trains
 #   ~150K tokens/s, so a run of the shared shape (1000 x 32 x 1024 = 33M tokens) takes ~3.5 min and the three
 #   MuonClip seeds that PRESETS share alone take ~10 min; the runs sized here add ~12 min (300-step logit runs
