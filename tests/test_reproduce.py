@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # the `reproduce` package sits at the top of the 
 
 from reproduce import common, run, stats  # noqa: E402
 from reproduce_fixtures import InProcessK2, Recorder, fake, quick_context, run_section, verdicts  # noqa: E402,F401
-from reproduce.experiments import context, optimizers, rl, sparsity  # noqa: E402
+from reproduce.experiments import context, rl, sparsity  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -92,51 +92,6 @@ def test_judge_takes_the_first_rule_that_holds_and_quotes_the_measurement():
 # Each experiment module runs whole (commands, measure, plots, section, summary) against a runner that runs
 # nothing: every step answers "up to date", and the artifacts the experiment reads back are written here,
 # with numbers chosen so that each verdict is known in advance.
-
-
-def test_optimizers_measures_and_judges_fabricated_runs(tmp_path):
-    from k2cli.model.config import ModelConfig
-
-    ctx = quick_context(tmp_path)
-    tps = 4 * 128  # the quick preset's batch x seq
-    val = lambda *vs: [{"step": 4 * (i + 1), "loss": v + 0.1, "val_loss": v} for i, v in enumerate(vs)]  # noqa: E731
-    fake(ctx.root, "opt-muonclip-s0", {"final_val_loss": 2.0, "params_total": 1000, "params_active": 500,
-                                       "heads_clipped_total": 0}, history=val(2.8, 2.3, 2.0))
-    fake(ctx.root, "opt-muon", {"final_val_loss": 1.9}, history=val(2.6, 2.1, 1.9))
-    fake(ctx.root, "opt-adamw-lr0.01", {"final_val_loss": 2.2}, history=val(2.9, 2.5, 2.2))
-    # at the high lr: Muon's logits reach 50; the clip holds them near tau = 5 and stops firing after step 3
-    fake(ctx.root, "opt-logit-muon", {"final_val_loss": 2.5},
-         history=[{"step": s, "loss": 3.0, "max_logit": 4.0 * s, **({"val_loss": 2.5} if s == 12 else {})} for s in range(1, 13)])
-    fake(ctx.root, "opt-logit-muonclip", {"final_val_loss": 2.4},
-         history=[{"step": s, "loss": 3.0, "max_logit": 5.3 if s <= 3 else 4.0, "heads_clipped_total": 2 if s <= 3 else 0}
-                  for s in range(1, 13)], files={"model.json": ModelConfig().to_json()})
-    sec = run_section(optimizers, ctx)
-    assert len(ctx.k2.commands["optimizers"]) == 3 + 5  # the shared corpus, then five pretraining runs
-    assert verdicts(sec) == ["reproduced", "reproduced", "reproduced (clip better; one seed)", "reproduced",
-                             "Muon family better than AdamW"]
-    assert "Muon 48 vs MuonClip 5.3" in sec.summary[0][2]
-    assert sec.summary[3][2] == f"{6144 / (2048 + 2048 * 0.4 / 0.5):.2f}x (curve)"  # crosses 2.2 between 2.6 and 2.1
-    assert "| MuonClip | 5.3 | 2.4000 | 3 of 12 | 3 |" in sec.body
-
-    # the same measurement under other numbers: each rule list's other verdicts
-    m = optimizers.measure(ctx, optimizers.Runs({"MuonClip (seed 0)": "opt-muonclip-s0", "Muon": "opt-muon",
-                                                 "AdamW lr 0.01": "opt-adamw-lr0.01"}, {},
-                                                {"muon": "opt-logit-muon", "muonclip": "opt-logit-muonclip"}))
-    assert m.n_heads == 4 * 4 and m.t_curve == pytest.approx(2048 + 2048 * 0.8) and m.noise is None
-    assert stats.judge(optimizers.QK_CAP, dataclasses.replace(m, tau=60.0)) == "not reproduced: logits did not grow past tau"
-    assert stats.judge(optimizers.QK_CAP, dataclasses.replace(m, tau=4.0)) == "not reproduced: not capped"
-    assert stats.judge(optimizers.CLIP_GOES_QUIET, dataclasses.replace(m, logit_steps=4)) == \
-        "not reproduced: still clipping in the last 30% of steps"
-    noisy = dataclasses.replace(m, noise=0.01)
-    assert stats.judge(optimizers.CLIP_HARMLESS, noisy) == "reproduced (clip better)"
-    assert stats.judge(optimizers.CLIP_HARMLESS, dataclasses.replace(noisy, grow_final={"muon": 2.4, "muonclip": 2.405})) == \
-        "reproduced (within noise)"
-    assert stats.judge(optimizers.CLIP_HARMLESS, dataclasses.replace(m, grow_final={"muon": 2.4, "muonclip": 2.5})) == \
-        "unclear: clip worse by 0.1000, no noise estimate"
-    assert stats.judge(optimizers.TOKEN_EFFICIENCY, dataclasses.replace(m, t_curve=5000)) == \
-        f"partly: Muon ahead, by less than 2x ({6144 / 5000:.2f}x)"
-    assert stats.judge(optimizers.TOKEN_EFFICIENCY, dataclasses.replace(m, noise=0.2)).startswith("within noise: 1.67x")
-    assert stats.judge(optimizers.LOSS_ORDER, dataclasses.replace(m, adam_loss=1.5)) == "not reproduced: AdamW better"
 
 
 def test_sparsity_reuses_experiment_1s_run_and_judges_against_its_noise(tmp_path):
@@ -205,39 +160,7 @@ def test_rl_compares_objectives_and_skips_without_k2_rl(tmp_path):
     assert sec.status == "skipped" and verdicts(sec) == ["not run: k2 rl not available"]
 
 
-# ----------------------------------------------------------------------------- experiment 1, real artifacts
-
-
-def test_quick_optimizers_end_to_end_and_resumable(tmp_path, capsys):
-    root, report = tmp_path / "root", tmp_path / "report"
-    argv = ["--quick", "--only", "1", "--root", str(root), "--report-dir", str(report)]
-    assert run.main(argv, runner=InProcessK2) == 0
-
-    text = (report / "REPORT.md").read_text()
-    assert "## Summary" in text
-    assert "| 1 | Muon's attention logits grow" in text
-    assert "Moonlight" in text and "failed" not in text
-    for png in ("opt_val_loss.png", "opt_qk_clip.png"):
-        assert (report / png).stat().st_size > 1000, png
-        assert f"]({png})" in text
-    # the exact commands are in the report, and only the public CLI was used
-    assert "k2 --root $ROOT --reuse pretrain --recipe recipes/micro/pretrain.toml" in text
-    assert "not run in this invocation" in text  # experiments 2-5 were left out with --only
-    # numbers come from the artifacts: the QK-Clip row quotes the runs' own max logits
-    hist = [json.loads(x) for x in (root / "opt-logit-muonclip" / "latest" / "metrics.jsonl").read_text().splitlines()]
-    assert f"MuonClip {max(r['max_logit'] for r in hist):.1f}" in text
-
-    ledger = json.loads((root / "ledger.json").read_text())
-    assert ledger and all(v["status"] == "ran" for v in ledger.values())
-
-    # a second run is make-style: every step is up to date, nothing is trained again
-    versions = sorted(p.name for p in (root / "opt-muon").iterdir() if p.name.startswith("v"))
-    capsys.readouterr()
-    assert run.main(argv, runner=InProcessK2) == 0
-    out = capsys.readouterr().out
-    assert "ran in" not in out and out.count("up to date") == len(ledger)
-    assert sorted(p.name for p in (root / "opt-muon").iterdir() if p.name.startswith("v")) == versions
-    assert "| 1 | Muon's attention logits grow" in (report / "REPORT.md").read_text()
+# ----------------------------------------------------------------------------- the driver, real artifacts
 
 
 def test_a_failing_step_is_reported_and_the_report_still_renders(tmp_path):

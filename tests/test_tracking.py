@@ -8,9 +8,9 @@ from k2cli.errors import K2Error
 from k2cli.train.tracking import Tracker, parse_track, scalars
 
 
-def test_scalars_flatten_per_layer_lists_and_skip_matrices():
+def test_scalars_flatten_per_layer_lists_and_skip_matrices_and_ids():
     record = {"step": 3, "loss": 2.5, "max_logit_per_layer": [1.0, 4.0], "expert_load": [[0.5, 0.5]],
-              "heads_clipped_total": 2, "nan": float("nan"), "flag": True, "note": "x"}
+              "heads_clipped_total": 2, "heads_clipped_ids": [0, 5], "nan": float("nan"), "flag": True, "note": "x"}
     assert scalars(record) == {"loss": 2.5, "max_logit_per_layer/0": 1.0, "max_logit_per_layer/1": 4.0,
                                "heads_clipped_total": 2.0}
 

@@ -58,6 +58,11 @@ def _scale_rows(weight: Tensor, factors: Tensor) -> None:
         weight.mul_(factors)
 
 
+def heads_over(max_logits: Tensor, tau: float) -> Tensor:
+    """[L, H] bool: the heads QK-Clip rescales (max logit above tau; a NaN maximum is never "over")."""
+    return max_logits.float() > tau
+
+
 @torch.no_grad()
 def clip_heads(attn_layers: list, max_logits: Tensor, tau: float) -> Tensor:
     """QK-Clip over all layers. max_logits [L, H] -> [L] number of heads clipped per layer."""
@@ -65,7 +70,7 @@ def clip_heads(attn_layers: list, max_logits: Tensor, tau: float) -> Tensor:
     if max_logits.dim() != 2 or max_logits.shape[0] != L:
         raise ValueError(f"max_logits must be [L={L}, H], got {tuple(max_logits.shape)}")
     S = max_logits.float()
-    over = S > tau  # [L, H]; heads with non-finite maxima (NaN) are never "over"
+    over = heads_over(S, tau)  # [L, H]
     counts = over.sum(dim=1)
     for attn, s, o in zip(attn_layers, S, over):
         # only the clipped heads get a factor != 1; x * 1.0 == x exactly for the others. (Every

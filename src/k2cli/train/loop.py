@@ -11,6 +11,7 @@ is. Everything else is here, once:
         clip the gradient norm; set the scheduled lr; optimizer step (Muon / AdamW)
         QK-Clip on heads whose max logit exceeded tau           (MuonClip)
         move router biases towards balanced expert load        (aux-loss-free balancing)
+        [train.qk_clip_check] the step's micro-batches again, no grad: max logit after the clip
         log metrics.jsonl; evaluate; checkpoint; stop cleanly on SIGINT/SIGTERM or a NaN
 
 Dividing every micro-batch's loss SUM by the unit count of the whole global batch makes the
@@ -39,6 +40,7 @@ from k2cli.model.moe import update_router_biases
 from k2cli.model.precision import compute_dtype, resolve_precision
 from k2cli.model.transformer import ForwardStats
 from k2cli.optim.muon import OptimConfig, build_optimizer
+from k2cli.optim.qk_clip import heads_over
 from k2cli.optim.schedule import ScheduleConfig, lr_at
 from k2cli.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from k2cli.train.mfu import training_peak_tflops
@@ -64,6 +66,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = measure this device's matmul peak
     track_max_logits: bool = True  # log per-head max attention logits (always on for MuonClip)
+    # after each step, recompute the max logit on the SAME micro-batches (one extra forward, no grad)
+    # and log it as max_logit_post_clip: QK-Clip's invariant measured, not assumed. Off: nothing changes.
+    qk_clip_check: bool = False
     parallel: str = "ddp"  # under torchrun: ddp (replicated model) | fsdp (FSDP2 sharded); one process: ignored
     track: str = ""  # also log every metric to: tensorboard | wandb | "tensorboard,wandb" (train/tracking.py); "" = off
 
@@ -179,6 +184,20 @@ def stop_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@torch.no_grad()
+def post_step_max_logits(task, model, micros: list[dict], device) -> torch.Tensor:
+    """[L, H] per-head max logits of a step's micro-batches recomputed through the weights the NEXT step
+    starts from (updated, QK-clipped, router biases moved), max over micro-batches and ranks. QK-Clip
+    scaled a clipped head's logits by tau / S, S measured BEFORE the update; the update moved the weights
+    too, so after the clip that head sits near tau, not exactly at it: this measures how near."""
+    out = None
+    for micro in micros:
+        micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+        _, _, stats = task.loss(model, micro, True)
+        out = stats.max_logits if out is None else torch.maximum(out, stats.max_logits)
+    return parallel.all_reduce_max(out)
 
 
 def split_batch(batch: dict, size: int) -> list[dict]:
@@ -315,6 +334,7 @@ def train(
                     logged["max_logits"] = max_logits = parallel.all_reduce_max(max_logits)
                     if clip_qk:
                         logged["clipped"] = optimizer.clip_qk(max_logits)
+                        logged["clipped_heads"] = heads_over(max_logits, optim_cfg.qk_clip_tau)  # [L, H] which heads
                 if loads is not None:
                     loads = parallel.all_reduce_sum(loads)
                     if cfg.bias_update_rate > 0:
@@ -322,6 +342,9 @@ def train(
                     logged["imbalance"] = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)  # [L_moe]
                     logged["expert_load"] = loads / loads.sum(dim=1, keepdim=True)  # [L_moe, E]
                     logged["balance"] = parallel.all_reduce_sum(balance) / parallel.world_size()
+                if cfg.qk_clip_check and max_logits is not None:
+                    with compile_errors(cfg.compile):
+                        logged["max_logits_post"] = post_step_max_logits(task, forward_model, micros, device)
                 if extras:  # task metrics, averaged over micro-batches (and ranks)
                     sums = torch.stack([torch.as_tensor(extras[k], dtype=torch.float64, device=device) for k in sorted(extras)])
                     logged["extras"] = parallel.all_reduce_sum(sums) / parallel.world_size()
@@ -343,6 +366,12 @@ def train(
                     if clip_qk:
                         record["heads_clipped"] = [int(c) for c in host["clipped"]]
                         record["heads_clipped_total"] = sum(record["heads_clipped"])
+                        H = len(host["clipped_heads"][0])
+                        ids = [li * H + h for li, row in enumerate(host["clipped_heads"]) for h, o in enumerate(row) if o]
+                        if ids:  # flat head ids (layer * H + head): which heads, so "ever clipped" can be counted
+                            record["heads_clipped_ids"] = ids
+                if "max_logits_post" in host:
+                    record["max_logit_post_clip"] = max(max(row) for row in host["max_logits_post"])
                 if "imbalance" in host:
                     imbalance = host["imbalance"]
                     record["expert_imbalance"] = sum(imbalance) / len(imbalance)

@@ -34,10 +34,11 @@ def parse_track(spec: str) -> list[str]:
 
 
 def scalars(record: dict) -> dict[str, float]:
-    """The loggable scalars of one metrics record (booleans and the step itself left out)."""
+    """The loggable scalars of one metrics record (booleans, the step itself and identifiers such as
+    heads_clipped_ids left out)."""
     out = {}
     for key, value in record.items():
-        if key == "step" or isinstance(value, bool):
+        if key == "step" or key.endswith("_ids") or isinstance(value, bool):
             continue
         if isinstance(value, (int, float)):
             if math.isfinite(value):
