@@ -19,14 +19,15 @@ from reproduce.stats import binom_se
 
 def fabricate(ctx, k15=0.4, pg=0.1, start=0.3, eval_prompts=100, correction=0.2, critic=(0.9, 0.5)):
     """The three runs of the experiment: held-out instruct reward start -> start + gain, math stuck at 0 (not
-    informative), `correction` logged on every reused update (steps 2 and 4; steps 1 and 3 drew rollouts)."""
+    informative), `correction` logged on every reused update (steps 2 and 4; steps 1 and 3 drew rollouts), as the
+    two sums the runs log (k15_shift / adv_abs)."""
     for name, gain, acc in (("rl-k15", k15, critic[0]), ("rl-pg", pg, 0.6), ("rl-k15-nocritic", k15, critic[1])):
-        hist = [{"step": 1, "k15_correction": 0.0, "log_ratio_abs_max": 0.0, "rollout_s": 1.0},
-                {"step": 2, "k15_correction": correction, "log_ratio_abs_max": 3.0, "heldout_instruct": start + gain / 2,
-                 "critic_accuracy": (0.5 + acc) / 2},
-                {"step": 3, "k15_correction": 0.0, "log_ratio_abs_max": 0.0, "rollout_s": 1.0},
-                {"step": 4, "k15_correction": correction, "log_ratio_abs_max": 2.0, "heldout_instruct": start + gain,
-                 "critic_accuracy": acc}]
+        hist = [{"step": 1, "k15_shift": 0.0, "adv_abs": 3.0, "log_ratio_abs_max": 0.0, "rollout_s": 1.0},
+                {"step": 2, "k15_shift": 2 * correction, "adv_abs": 2.0, "log_ratio_abs_max": 3.0,
+                 "heldout_instruct": start + gain / 2, "critic_accuracy": (0.5 + acc) / 2},
+                {"step": 3, "k15_shift": 0.0, "adv_abs": 3.0, "log_ratio_abs_max": 0.0, "rollout_s": 1.0},
+                {"step": 4, "k15_shift": 6 * correction, "adv_abs": 6.0, "log_ratio_abs_max": 2.0,
+                 "heldout_instruct": start + gain, "critic_accuracy": acc}]
         fake(ctx.root, name, {"start_heldout_instruct": start, "end_heldout_instruct": start + gain,
                               "start_heldout_math": 0.0, "end_heldout_math": 0.0, "critic_accuracy_start": 0.5,
                               "critic_accuracy_end": acc, "critic_heldout_pairs": 100},

@@ -8,7 +8,8 @@ per sample K1.5 weighs grad log pi by (A - tau * log-ratio), plain PG by A. The 
 updates that reuse a batch of rollouts after the policy has moved (off-policy reuse, as K1.5 trains: several
 optimizer steps per batch of rollouts from pi_old). So each batch of rollouts is reused for `updates` optimizer
 steps (updates - 1 of every `updates` are off-policy), and the runs log how far apart the objectives actually
-were: `k15_correction` = sum |tau * log-ratio| / sum |A| over the RL rows of each update (0 on-policy).
+were: the correction sum |tau * log-ratio| / sum |A| over the RL rows of each update (0 on-policy; the runs log
+the two sums as `k15_shift` and `adv_abs`).
 Held-out reward is measured greedily on `eval_prompts` held-out problems per environment, and compared on the
 environments the starting model neither always nor never solves (a floor or ceiling cannot move).
 
@@ -16,7 +17,7 @@ environments the starting model neither always nor never solves (a floor or ceil
              (and K1.5 without the critic's refinement); skipped when this build has no `k2 rl` or no recipe
   measure    held-out reward per environment at the start and end, critic accuracy, the objectives'
              measured difference on the reused updates, and the power of the comparison
-  plots      held-out reward per RL step; critic accuracy per RL step; k15_correction per update
+  plots      held-out reward per RL step; critic accuracy per RL step; the correction per update
   report     the start -> end table, the design and power statement; two summary rows judged by the rules below
 """
 
@@ -82,7 +83,13 @@ def commands(ctx: Context) -> None:
 
 def reused(hist: list[dict]) -> list[dict]:
     """The updates that reused a batch of rollouts (the first update of a batch logs its rollouts' `rollout_s`)."""
-    return [r for r in hist if "k15_correction" in r and "rollout_s" not in r]
+    return [r for r in hist if "k15_shift" in r and "rollout_s" not in r]
+
+
+def correction(recs: list[dict]) -> float | None:
+    """sum |tau * log-ratio| / sum |A| over the RL rows of these updates: how far K1.5's weights were from PG's."""
+    adv = sum(r["adv_abs"] for r in recs)
+    return sum(r["k15_shift"] for r in recs) / adv if adv > 0 else None
 
 
 @dataclass
@@ -94,7 +101,7 @@ class Objectives:
     noise: float | None  # s.e. of a - b: the two arms' end rewards as independent means over n episodes each
     n: int  # held-out episodes per arm on the informative environments
     level: float | None  # the measured reward level (both arms' end rewards, mean)
-    correction: float | None  # K1.5 run: mean k15_correction over its reused updates
+    correction: float | None  # K1.5 run: sum |tau log-ratio| / sum |A| over its reused updates
     correction_pg: float | None  # PG run: the correction K1.5 would have made on its reused updates
     ratio_max: float | None  # K1.5 run: largest |log pi / pi_old| logged on a reused update
     target: float = TARGET_GAP  # the gap this comparison is sized to resolve
@@ -150,7 +157,7 @@ class Measurement:
         hk, hp = reused(self.hist["K1.5 objective"]), reused(self.hist["plain policy gradient"])
         return Objectives(self.gain("K1.5 objective", envs) if envs else None, self.gain("plain policy gradient", envs) if envs else None,
                           noise, n * len(envs), _mean(levels.values()),
-                          _mean([r["k15_correction"] for r in hk]), _mean([r["k15_correction"] for r in hp]),
+                          correction(hk), correction(hp),
                           max((r.get("log_ratio_abs_max", 0.0) for r in hk), default=None))
 
     @property
@@ -185,7 +192,7 @@ OBJECTIVE = [
     Rule("reproduced (2 s.e. = {twice_noise:.3f})", lambda o: o.differs and o.a > o.b),
     Rule("not reproduced (reversed beyond noise, 2 s.e. = {twice_noise:.3f})", lambda o: o.differs),
     Rule("not tested at this scale (power: {mde:.3f} detectable at 2 s.e. with {n} held-out episodes per arm at "
-         "reward {level:.2f}, above the {target:.2f} gap it is sized for)", lambda o: o.mde > TARGET_GAP),
+         "reward {level:.2f}, above the {target:.2f} gap it is sized for)", lambda o: o.mde > o.target),
     Rule("within noise (2 s.e. = {twice_noise:.3f}, power: a {target:.2f} gap would have shown)"),
 ]
 
@@ -219,7 +226,7 @@ def plots(ctx: Context, m: Measurement) -> list[str]:
         c = [(x, y) for x, y in c if y is not None]
         if c:
             axes[1].plot([s for s, _ in c], [y for _, y in c], marker="o", color=f"C{i}", label=label)
-        k = [(r["step"], r["k15_correction"]) for r in m.hist[label] if "k15_correction" in r]
+        k = [(r["step"], correction([r])) for r in m.hist[label] if r.get("adv_abs")]
         if k:
             axes[2].plot([s for s, _ in k], [y for _, y in k], marker=".", color=f"C{i}", label=label)
     axes[0].set_xlabel("RL step")
