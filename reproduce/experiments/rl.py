@@ -36,8 +36,11 @@ KEY, TITLE = "rl", "RL: K1.5 vs policy gradient; critic refinement"
 #   eval_prompts  held-out problems per environment;  test_size: held-out problems drawn per environment (>= eval_prompts)
 # cpu: 6 batches of rollouts x 4 updates (18 of 24 updates off-policy), 200 held-out problems per environment
 # (2 s.e. of a difference of two arms at reward 0.3 is 0.09, below the TARGET_GAP below).
-# gpu: NOT measured (no GPU here); sized by arithmetic from the cpu preset: the small model decodes the same
-# episode counts in seconds on one H100/H200, so 5x the steps and 2.5x the held-out problems stay within ~10 minutes.
+# gpu: NOT measured (no GPU here), sized by arithmetic: recipes/small/rl.toml steps 512 rollouts of up to 1024
+# tokens; 120 steps x 512 x ~300 tokens ~ 18M tokens ~ 2 minutes per run at the ~155K tokens/s docs/gpu.md
+# gives the small model on one H100 at 40% MFU; generation (30 batches of 512 episodes, prompt selection,
+# held-out episodes) is the unmeasured rest of the ~10 minutes. 500 held-out problems per environment put
+# 2 s.e. of a difference at reward 0.3 at 0.06.
 #   sets          extra overrides: quick's 128-token context fits no micro math prompt, so it leaves math out
 SIZES = {'quick': {'steps': 2, 'sft_steps': 4, 'updates': 2, 'eval_prompts': 2, 'test_size': 8,
                    'sets': ["envs.mix.math=0"]},
