@@ -44,8 +44,8 @@ KEY, TITLE = "rl", "RL: K1.5 vs policy gradient; critic refinement"
 #   sets          extra overrides: quick's 128-token context fits no micro math prompt, so it leaves math out
 SIZES = {'quick': {'steps': 2, 'sft_steps': 4, 'updates': 2, 'eval_prompts': 2, 'test_size': 8,
                    'sets': ["envs.mix.math=0"]},
-         'cpu': {'steps': 24, 'sft_steps': 100, 'updates': 4, 'eval_prompts': 200, 'test_size': 200},
-         'gpu': {'steps': 120, 'sft_steps': 500, 'updates': 4, 'eval_prompts': 500, 'test_size': 500}}
+         'cpu': {'steps': 24, 'sft_steps': 100, 'updates': 4, 'eval_prompts': 200, 'test_size': 200, 'sets': []},
+         'gpu': {'steps': 120, 'sft_steps': 500, 'updates': 4, 'eval_prompts': 500, 'test_size': 500, 'sets': []}}
 CLAIM = "K1.5 objective beats plain policy gradient (held-out reward); critic refinement helps"
 RUNS = {  # label -> (artifact name, --set overrides of the rl recipe)
     "K1.5 objective": ("rl-k15", ["rl.loss=k15"]),
@@ -78,7 +78,7 @@ def commands(ctx: Context) -> None:
         k2(*with_sets("rl", "rl-sft:latest", "--recipe", ctx.recipe("rl"), sets=(
             f"train.steps={R['steps']}", f"train.seq_len={P['seq']}",  # the SFT parent keeps the pretrain context
             f"rl.updates_per_rollout={R['updates']}", f"rl.eval_prompts={R['eval_prompts']}",
-            f"envs.test_size={R['test_size']}", *R.get("sets", ()), *sets)), "--out", name)
+            f"envs.test_size={R['test_size']}", *R["sets"], *sets)), "--out", name)
 
 
 # ----------------------------------------------------------------------------- measurement
