@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # the `reproduce` package sits at the top of the 
 
 from reproduce import common, run, stats  # noqa: E402
 from reproduce_fixtures import InProcessK2, Recorder, fake, quick_context, run_section, verdicts  # noqa: E402,F401
-from reproduce.experiments import context, rl, sparsity  # noqa: E402
+from reproduce.experiments import context, sparsity  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -139,25 +139,6 @@ def test_context_reads_passkey_metrics_of_each_method(tmp_path):
     assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=0.01, linear=0.0, none=0.0, best_any=0.0)) == \
         "not reproduced: no method learned to retrieve from this parent (0% at every length)"
     assert stats.judge(context.YARN_RETRIEVES, dataclasses.replace(r, yarn=None)) == "not measured beyond the training length"
-
-
-def test_rl_compares_objectives_and_skips_without_k2_rl(tmp_path):
-    ctx = quick_context(tmp_path)
-    for name, (gain, critic) in {"rl-k15": (0.4, 0.9), "rl-pg": (0.1, 0.5), "rl-k15-nocritic": (0.3, 0.6)}.items():
-        fake(ctx.root, name, {"start_heldout_math": 0.2, "end_heldout_math": 0.2 + gain, "critic_accuracy_start": 0.5,
-                              "critic_accuracy_end": critic, "critic_heldout_pairs": 100},
-             recipe={"rl": {"eval_prompts": 100}},
-             history=[{"step": 1, "heldout_math": 0.2 + gain / 2, "critic_accuracy": (0.5 + critic) / 2}])
-    sec = run_section(rl, ctx)
-    assert verdicts(sec) == ["reproduced", "reproduced"]
-    assert sec.summary[0][2] == "mean held-out gain K1.5 0.400 vs PG 0.100 (100 held-out episodes each)"
-    assert "| plain policy gradient | 0.200 -> 0.300 | 0.500 -> 0.500 |" in sec.body
-
-    class NoRL(Recorder):
-        no_rl = True
-
-    sec = run_section(rl, quick_context(tmp_path / "no-rl", runner=NoRL))
-    assert sec.status == "skipped" and verdicts(sec) == ["not run: k2 rl not available"]
 
 
 # ----------------------------------------------------------------------------- the driver, real artifacts

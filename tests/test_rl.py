@@ -204,6 +204,24 @@ def test_ptx_and_critic_rows_in_the_loss(world):
     assert (batch["kind"] == RL).sum() == 2
 
 
+def test_k15_shift_is_zero_on_policy_and_tau_times_the_log_ratio_off_it(world):
+    """The logged diagnostic of how far K1.5's gradient weights (A - tau d) are from plain PG's (A)."""
+    s = micro_task(world, "envs.mix={math=1.0}", "ptx.beta=0.0", "critic.weight=0.0")
+    task, tok = s.task, s.tokenizer
+    traj = [start(s.pools["math"].make(), "math", 0, 0, 0, tok) for _ in range(2)]
+    for x, r in zip(traj, (1.0, 0.0)):
+        x.ids, x.mask, x.info = x.ids + [5, 6], x.mask + [True, True], {"final": r}
+    batch, _ = task.assemble([traj], [], [])  # old_logp from the current weights: theta = theta_old
+    _, extras, _ = task.loss(s.model, batch, False)
+    assert extras["k15_shift"].item() == pytest.approx(0.0, abs=1e-5) and extras["adv_abs"].item() == pytest.approx(1.0)
+    assert extras["log_ratio_abs_max"].item() == pytest.approx(0.0, abs=1e-4)
+    # pi_old 0.4 nats below theta on both samples: sum |tau d| / sum |A| = tau * 0.4 / 0.5
+    batch["old_logp"] = batch["old_logp"] - 0.4
+    _, extras, _ = task.loss(s.model, batch, False)
+    assert extras["k15_shift"].item() / extras["adv_abs"].item() == pytest.approx(task.cfg.tau * 0.4 / 0.5, rel=1e-3)
+    assert extras["log_ratio_mean"].item() == pytest.approx(0.4, rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- environments and verifiers
 
 

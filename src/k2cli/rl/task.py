@@ -150,7 +150,12 @@ class RLTask:
         # how far the policy moved from the one that sampled (RL rows only): device tensors, which the
         # loop moves to the host with the rest of the step's log (no sync here)
         ratio = (seq_logp - micro["old_logp"]).detach().float()
-        extras = {"log_ratio_mean": (ratio * rl).sum() / rl.sum().clamp(min=1), "log_ratio_abs_max": (ratio.abs() * rl).max()}
+        extras = {"log_ratio_mean": (ratio * rl).sum() / rl.sum().clamp(min=1), "log_ratio_abs_max": (ratio.abs() * rl).max(),
+                  # how much K1.5's per-sample gradient weight (A - tau * log-ratio) differs from plain policy
+                  # gradient's (A): k15_shift / adv_abs = sum |tau * log-ratio| / sum |A| over the step's RL rows
+                  # (sums, so that the ratio of the step's logged values is exact); 0 at theta = theta_old, where
+                  # the two objectives coincide (in a pg run: the correction K1.5 would have made)
+                  "k15_shift": (self.cfg.tau * ratio.abs() * rl).sum(), "adv_abs": (micro["adv"].abs() * rl).sum()}
         return total, extras, stats
 
     @torch.no_grad()
