@@ -173,21 +173,6 @@ def test_rephrasing_reads_corpora_and_eval_results(tmp_path):
     assert stats.judge(rephrasing.DIVERSITY, dataclasses.replace(m, acc={"raw": 0.5, "rw1": 0.5, "rw10": 0.6})) == "within noise"
 
 
-def test_sparsity_reuses_experiment_1s_run_and_judges_against_its_noise(tmp_path):
-    ctx = quick_context(tmp_path)
-    fake(ctx.root, "opt-muonclip-s0", {"final_val_loss": 2.0, "params_total": 1000, "params_active": 500, "wall_s": 10})
-    fake(ctx.root, "sparsity-e8", {"final_val_loss": 1.9, "params_total": 1800, "params_active": 500})
-    sec = run_section(sparsity, ctx)
-    # 4 routed experts, 2 active is the micro recipe's own shape: experiment 1's run, not a new one
-    assert [c.split("--out ")[1] for c in ctx.k2.commands["sparsity"][3:]] == ["opt-muonclip-s0", "sparsity-e8"]
-    assert verdicts(sec) == ["direction reproduced (no noise estimate)"]
-    assert "| 4 | 8 | 1,800 | 500 | 1.9000 | - |" in sec.body
-    ctx.noise_val = 0.01  # experiment 1 measured a seed spread
-    assert verdicts(run_section(sparsity, ctx)) == ["reproduced"]
-    ctx.noise_val = 0.1
-    assert verdicts(run_section(sparsity, ctx)) == ["within noise"]
-
-
 def test_context_reads_passkey_metrics_of_each_method(tmp_path):
     ctx = quick_context(tmp_path)
     fake(ctx.root, "ext-midtrain", {"steps": 7})
