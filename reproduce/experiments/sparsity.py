@@ -33,15 +33,19 @@ KEY, TITLE = "sparsity", "Sparsity at fixed active parameters"
 
 # The model: narrower than `tiny` (hidden 64), experts of width 32 so that the routed experts dominate the total
 # parameters. Active per token: 2 routed + 1 shared expert in each of 3 MoE layers, whatever the expert count.
-SMALL_MODEL = ["model.preset=tiny", "model.hidden_size=64", "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
-               "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.intermediate_size=256",
+SMALL_MODEL = ["model.preset=tiny", "model.hidden_size=64", "model.q_lora_rank=32", "model.kv_lora_rank=16",
+               "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.intermediate_size=256",
                "model.moe_intermediate_size=32", "model.max_position_embeddings=128"]
 
 # How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
 #   people     the world size. cpu: CALIBRATED so that the 4-expert arm recalls about half of the value tokens
-#              (the issue asks for that calibration; measured 23:10 UTC 2026-12-04, see the report text)
+#              (the issue asks for it): 100 people x 64 exposures gave value-token recall 0.42 (train/test people
+#              0.426/0.418, 50 each; greedy exact 1.5%) at seed 0, measured once on 2026-12-04
 #   exposures  biographies per person = exposures per fact in the one epoch (each a fresh rendering)
 #   batch/seq  8,192 tokens per step: ~256 routed token-slots per expert per step at 64 experts
+# cpu time: ~520K tokens per arm, 63 steps. Estimated from REPORT.md's idle runs of `tiny` (614K tokens: 49 s at
+# 8 experts, 88 s at 64; this model has a quarter of tiny's active parameters): ~45 s per 4-expert arm, ~85 s per
+# 64-expert arm, ~6 idle minutes for the 5 arms, eval and data (budget: 8).
 # gpu: UNMEASURED (no GPU here), chosen by arithmetic so that capacity binds at PLM 3.3's 100-exposure ratio
 # (~1 bit/param): 12,000 people x 34.2 bits = 410K bits of facts against 325K total parameters at 4 experts
 # (1.26 bits/param: cannot hold them all) and 1.44M at 64 (0.28 bits/param: can). One epoch of 100 biographies
@@ -305,7 +309,9 @@ def section(ctx: Context, m: Measurement, plots: list[str]) -> list[str]:
         f"`tiny` with {K['experts_per_tok']} routed experts active per token (plus 1 shared); routed experts "
         f"{', '.join(map(str, K['experts']))}, seeds {seeds} at the end points. Recall: `k2 eval --suite "
         f"knowledge-probe` on {m.probe_people} people in phrasings no training text uses, without fine-tuning; "
-        f"value-token recall is the teacher-forced argmax accuracy of the attribute's tokens.",
+        f"value-token recall is the teacher-forced argmax accuracy of the attribute's tokens (it also counts tokens the "
+        f"format gives away, a year's second token or 'University'); greedy exact needs every token, the informative "
+        f"first one included (chance for that one: 1 in 20-54).",
         "",
         f"Capacity regime (PLM 3.3): {m.fact_bits:,.0f} bits of facts ({fact_bits_per_person():.1f} per person) against "
         f"{m.params_fewest:,} total parameters of the {m.experts[0]}-expert arm = {m.bits_per_param_fewest:.3f} bits/param "
