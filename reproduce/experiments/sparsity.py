@@ -242,8 +242,11 @@ def measure(ctx: Context, runs: Runs) -> Measurement:
         people = sum(p[f"{s}_people"] for s in splits)
         # pooled over the QA splits (pre-training saw every person; the split only matters after a QA fine-tune)
         pooled = {k: sum(p[f"{s}_{k}"] * p[f"{s}_people"] for s in splits) / people for k in ("token_acc", "exact")}
+        curve = val_curve(history(root, n), per_step)
+        if not curve or curve[-1][0] < runs.steps * per_step:  # the final evaluation ends every curve
+            curve.append((runs.steps * per_step, m["final_val_loss"]))
         out.append(Arm(E, seed, pooled["token_acc"], pooled["exact"], m["final_val_loss"], m["params_total"],
-                       m["params_active"], val_curve(history(root, n), per_step), m.get("wall_s")))
+                       m["params_active"], curve, m.get("wall_s")))
     return Measurement(out, K["people"], K["exposures"], runs.steps * per_step, people)
 
 
