@@ -40,7 +40,8 @@ SMALL_MODEL = ["model.preset=tiny", "model.hidden_size=64", "model.q_lora_rank=3
 # How big this experiment is in each preset (reproduce/common.py's PRESETS holds what experiments share).
 #   people     the world size. cpu: CALIBRATED so that the 4-expert arm recalls about half of the value tokens
 #              (the issue asks for it): 100 people x 64 exposures gave value-token recall 0.42 (train/test people
-#              0.426/0.418, 50 each; greedy exact 1.5%) at seed 0, measured once on 2026-12-04
+#              0.426/0.418, 50 each; greedy exact 1.5%) at seed 0, measured once on 2026-12-04; the cpu preset's own
+#              4-expert arms then measured 0.416 / 0.421 (seeds 0 / 1; exact 1.6% / 1.1%; final val loss 1.175 / 1.208)
 #   exposures  biographies per person = exposures per fact in the one epoch (each a fresh rendering)
 #   batch/seq  8,192 tokens per step: ~256 routed token-slots per expert per step at 64 experts
 # cpu time: ~520K tokens per arm, 63 steps. Estimated from REPORT.md's idle runs of `tiny` (614K tokens: 49 s at
