@@ -46,7 +46,9 @@ SMALL_MODEL = ["model.preset=tiny", "model.hidden_size=64", "model.q_lora_rank=3
 #   batch/seq  8,192 tokens per step: ~256 routed token-slots per expert per step at 64 experts
 # cpu time: ~520K tokens per arm, 63 steps. Estimated from REPORT.md's idle runs of `tiny` (614K tokens: 49 s at
 # 8 experts, 88 s at 64; this model has a quarter of tiny's active parameters): ~45 s per 4-expert arm, ~85 s per
-# 64-expert arm, ~6 idle minutes for the 5 arms, eval and data (budget: 8).
+# 64-expert arm, ~6 idle minutes for the 5 arms, eval and data (budget: 8). NOT confirmed: under load 2-12 the arms
+# took 921 s / 1080 s (4 experts) and 459 s (64 experts, load 2-7); scaled by 2/load that is ~3 min per arm, which
+# would overrun. If it does, halve `people` (50): recall here is limited by exposures (64 each), not by the people count.
 # gpu: UNMEASURED (no GPU here), chosen by arithmetic so that capacity binds at PLM 3.3's 100-exposure ratio
 # (~1 bit/param): 12,000 people x 34.2 bits = 410K bits of facts against 325K total parameters at 4 experts
 # (1.26 bits/param: cannot hold them all) and 1.44M at 64 (0.28 bits/param: can). One epoch of 100 biographies
