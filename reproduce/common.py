@@ -1,6 +1,7 @@
 """What every experiment of `make reproduce` shares, top to bottom:
 
-  1. PRESETS, PAPER  how big each experiment is, and the paper's numbers each result is set beside
+  1. PRESETS, PAPER  what experiments share (base recipe, corpus, experiment 1's run shape; each module sizes
+                     itself in its SIZES) and the paper's numbers each result is set beside
   2. K2              the ONLY way an experiment trains or evaluates anything: a subprocess
                      `k2 --root ROOT --reuse <stage> --recipe recipes/<base>/<stage>.toml --set ...`,
                      logged, timed and kept in a ledger (ROOT/ledger.json) that the report quotes
@@ -198,13 +199,12 @@ class Context:
     root: Path
     report_dir: Path
     k2: K2
-    noise_val: float | None = None  # seed-to-seed spread of the final validation loss (set by experiment 1)
 
     def recipe(self, stage: str) -> str:
         return f"recipes/{self.P['base']}/{stage}.toml"
 
     def base_data(self):
-        """The K2 pipeline's corpus (world + biographies + math, rephrased) and one tokenizer, shared by 1, 3, 4, 5."""
+        """The K2 pipeline's corpus (world + biographies + math, rephrased) and one tokenizer, shared by 1, 4, 5."""
         P, k2 = self.P, self.k2
         k2("data", "synth", "--recipe", self.recipe("synth"), "--set", f"world.size={P['world']}", "--out", "data-synth")
         k2("rephrase", "data-synth:latest", "--recipe", self.recipe("rephrase"), "--set", f"rewrite.rewrites={P['rewrites']}",
@@ -222,7 +222,7 @@ class Context:
         return name
 
     def baseline(self, seed: int | None = None) -> str:
-        """Experiment 1's MuonClip run at `seed` (default: the first seed): the model experiments 3-5 start from."""
+        """Experiment 1's MuonClip run at `seed` (default: the first seed): the model experiments 4 and 5 start from."""
         seed = self.P["seeds"][0] if seed is None else seed
         return self.pretrain(f"opt-muonclip-s{seed}", "optim.name=muonclip", seed=seed)
 

@@ -280,7 +280,6 @@ def measure(ctx: Context, runs: Runs) -> Measurement:
               for label, (lr, wd, n) in runs.clip.items()},
         n_heads=n_heads,
     )
-    ctx.noise_val = m.noise  # the noise floor experiment 3 judges with
     return m
 
 
