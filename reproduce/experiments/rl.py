@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 
 from reproduce.common import REPO, Context, Skipped, artifact, history, metrics, plt, save, with_sets
-from reproduce.stats import Comparison, Rule, binom_se, differs, fmt, judge
+from reproduce.stats import Comparison, Rule, binom_se, fmt, judge
 
 KEY, TITLE = "rl", "RL: K1.5 vs policy gradient; critic refinement"
 
@@ -96,26 +96,16 @@ def correction(recs: list[dict]) -> float | None:
 
 
 @dataclass
-class Objectives:
-    """K1.5 vs PG on the informative environments: a Comparison plus what judges its power."""
+class Objectives(Comparison):
+    """K1.5 (a) vs PG (b) on the informative environments: mean held-out gains (end - start), the noise of
+    a - b (the two arms' end rewards as independent means over n episodes each), plus what judges its power."""
 
-    a: float | None  # mean held-out gain (end - start) of K1.5 over the informative environments
-    b: float | None  # the same for plain policy gradient
-    noise: float | None  # s.e. of a - b: the two arms' end rewards as independent means over n episodes each
-    n: int  # held-out episodes per arm on the informative environments
-    level: float | None  # the measured reward level (both arms' end rewards, mean)
-    correction: float | None  # K1.5 run: sum |tau log-ratio| / sum |A| over its reused updates
-    correction_pg: float | None  # PG run: the correction K1.5 would have made on its reused updates
-    ratio_max: float | None  # K1.5 run: largest |log pi / pi_old| logged on a reused update
+    n: int = 0  # held-out episodes per arm on the informative environments
+    level: float | None = None  # the measured reward level (both arms' end rewards, mean)
+    correction: float | None = None  # K1.5 run: sum |tau log-ratio| / sum |A| over its reused updates
+    correction_pg: float | None = None  # PG run: the correction K1.5 would have made on its reused updates
+    ratio_max: float | None = None  # K1.5 run: largest |log pi / pi_old| logged on a reused update
     target: float = TARGET_GAP  # the gap this comparison is sized to resolve
-
-    @property
-    def differs(self) -> bool | None:
-        return differs(self.a, self.b, self.noise)
-
-    @property
-    def twice_noise(self) -> float:
-        return 2 * self.noise
 
     @property
     def mde(self) -> float:  # the smallest difference detectable at 2 s.e.
