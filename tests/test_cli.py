@@ -33,7 +33,7 @@ def test_init_export_import_verify(k2, tmp_path, artifacts_root):
     k2("import-hf", tmp_path / "hf")
     k2("artifacts", "verify", "import:v1")
     listed = json.loads(k2("artifacts", "list", "--json").output)
-    assert [a["id"] for a in listed] == ["import/v1", "model/v1"]
+    assert [a["id"] for a in listed] == ["model/v1", "import/v1"]  # oldest first
     assert "model/v1" in k2("artifacts", "show", "model:v1").output
 
 

@@ -511,7 +511,7 @@ def _git_commit() -> str | None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")  # fine enough that "oldest first" has no ties
 
 
 def _next_version(sdir: Path) -> int:
