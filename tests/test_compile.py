@@ -74,3 +74,16 @@ def test_a_compile_failure_is_a_clean_error(tmp_path, monkeypatch):
     with pytest.raises(K2Error, match="torch.compile failed") as e:
         run(tmp_path, 2, compile=True)
     assert "train.compile=false" in e.value.hint
+
+
+def test_post_clip_check_under_compile_matches_eager(tmp_path, monkeypatch):
+    """train.qk_clip_check runs the compiled model a second time per step (no grad, after the clip): with
+    fullgraph that must not break, and it must measure what eager measures."""
+    def post(name, **kw):
+        return [r["max_logit_post_clip"] for r in run(tmp_path, 3, name=name, qk_clip_check=True, **kw).history
+                if "max_logit_post_clip" in r]
+
+    eager = post("eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = post("compiled", compile=True)
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-4)
